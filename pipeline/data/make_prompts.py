@@ -1,0 +1,171 @@
+"""Writes the shipped self-distillation prompt set: train_prompts.jsonl and heldout_prompts.jsonl.
+
+Run once by hand (`python pipeline/data/make_prompts.py`); the JSONL files are committed, so
+training never depends on this script's randomness. Prompts are templates x topics, plus a list of
+standalone questions, shuffled with a fixed seed. The held-out split uses templates and topics the
+training split also uses, but never the same (template, topic) pair.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TOPICS = [
+    "photosynthesis",
+    "black holes",
+    "the French Revolution",
+    "machine learning",
+    "volcanoes",
+    "the water cycle",
+    "climate change",
+    "the human heart",
+    "the Roman Empire",
+    "electric cars",
+    "honey bees",
+    "the internet",
+    "vaccines",
+    "the Moon",
+    "coffee",
+    "chess",
+    "the stock market",
+    "recycling",
+    "the Great Wall of China",
+    "earthquakes",
+    "solar panels",
+    "dinosaurs",
+    "the immune system",
+    "jazz music",
+    "ancient Egypt",
+    "rainforests",
+    "gravity",
+    "sleep",
+    "the printing press",
+    "bicycles",
+    "octopuses",
+    "public libraries",
+    "the Olympic Games",
+    "renewable energy",
+    "the piano",
+    "glaciers",
+    "DNA",
+    "airplanes",
+    "bread baking",
+    "the Industrial Revolution",
+    "friendship",
+    "time management",
+    "learning a new language",
+    "healthy eating",
+    "remote work",
+    "gardening",
+    "the ocean",
+    "penguins",
+    "rainbows",
+    "the Renaissance",
+    "smartphones",
+    "marathon running",
+    "meditation",
+    "volunteering",
+    "cloud computing",
+    "the solar system",
+    "trees",
+    "money",
+    "the camera",
+    "board games",
+]
+
+TEMPLATES = [
+    "Explain {t} to a ten-year-old.",
+    "Write a short poem about {t}.",
+    "Give me three interesting facts about {t}.",
+    "What is {t}? Answer in one paragraph.",
+    "List five tips related to {t}.",
+    "Write a short story that involves {t}.",
+    "Why is {t} important?",
+    "Summarize the history of {t} in a few sentences.",
+    "What are the pros and cons of {t}?",
+    "Write a haiku about {t}.",
+    "Describe {t} in simple words.",
+    "How would you teach a beginner about {t}?",
+    "Write a short blog post introduction about {t}.",
+    "What are common misconceptions about {t}?",
+    "Give a simple analogy that explains {t}.",
+    "Write a tweet about {t}.",
+    "What questions should I ask to learn more about {t}?",
+    "Tell me a fun fact about {t} and explain why it is true.",
+    "Write a friendly email to a colleague about {t}.",
+    "Compare {t} with something from everyday life.",
+    "Can you write a limerick about {t}?",
+    "What would happen if {t} did not exist?",
+    "Write a product description inspired by {t}.",
+    "Explain {t} step by step.",
+]
+
+STANDALONE = [
+    "What is 17 times 23?",
+    "Write a Python function that reverses a string.",
+    "Write a Python function that checks whether a number is prime.",
+    "How do I make a cup of tea?",
+    "What is the capital of Australia?",
+    "Translate 'good morning' into French, Spanish and German.",
+    "Write a SQL query that counts the rows of a table named users.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give me a recipe for pancakes.",
+    "How many days are there in a leap year?",
+    "Write a JavaScript function that adds two numbers.",
+    "What causes the seasons on Earth?",
+    "Suggest a name for a pet goldfish.",
+    "How do I sort a list in Python?",
+    "What is the boiling point of water in Fahrenheit?",
+    "Write a thank-you note to a teacher.",
+    "Explain what a variable is in programming.",
+    "What is the largest planet in our solar system?",
+    "Give me a workout plan for a beginner.",
+    "How can I improve my handwriting?",
+    "Write a function in C that returns the maximum of two integers.",
+    "What is the Pythagorean theorem?",
+    "Plan a one-day trip to Paris.",
+    "What should I pack for a camping trip?",
+    "Explain recursion with an example.",
+    "Write a short motivational message for a student before an exam.",
+    "What are the primary colors?",
+    "How does a refrigerator keep food cold?",
+    "Write a bash command that counts the lines in a file.",
+    "What is a haiku?",
+    "Give me five ideas for a birthday party.",
+    "How do I convert Celsius to Fahrenheit?",
+    "Write a regular expression that matches an email address.",
+    "Why is the sky blue?",
+    "What is the difference between weather and climate?",
+    "How do magnets work?",
+    "Write a short dialogue between a cat and a dog.",
+    "What is an API?",
+    "Explain the rules of tic-tac-toe.",
+    "What are three ways to save money?",
+]
+
+
+def build(seed: int = 0, n_train: int = 320, n_heldout: int = 64) -> tuple[list, list]:
+    rng = random.Random(seed)
+    pairs = [(tm, tp) for tm in TEMPLATES for tp in TOPICS]
+    rng.shuffle(pairs)
+    n_templated = n_train + n_heldout - len(STANDALONE)
+    prompts = [tm.format(t=tp) for tm, tp in pairs[:n_templated]] + STANDALONE
+    rng.shuffle(prompts)
+    rows = [{"id": f"p{i:04d}", "prompt": p} for i, p in enumerate(prompts)]
+    return rows[:n_train], rows[n_train:]
+
+
+def main() -> None:
+    here = Path(__file__).parent
+    train, heldout = build()
+    for name, rows in (("train_prompts.jsonl", train), ("heldout_prompts.jsonl", heldout)):
+        with open(here / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(f"wrote {len(rows)} prompts to {here / name}")
+
+
+if __name__ == "__main__":
+    main()
