@@ -1,0 +1,84 @@
+"""Frozen configuration of the ReDrafter draft model and of beam search.
+
+Both are hashable, so jitted functions take them as static arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The reference keeps only its 50 largest logits (its `warp_logits` default) and writes this value
+# into the others before the log-softmax.
+REFERENCE_TOP_K = 50
+REFERENCE_MASK_VALUE = -50000.0
+
+
+def _positive(owner: str, name: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Shape and options of a ReDrafter draft head.
+
+    hidden_size: D, the target LLM's hidden size; the RNN state H equals D, as in ReDrafter.
+    vocab_size: V, the target LLM's vocabulary.
+    exit_dim: E, width of the ResBlocks. An input projection (2D -> E) exists iff 2D != E.
+    num_draft_layers: number of ResBlocks, `x + SiLU(x W + b)`.
+    tie_lm_head: use the target LLM's output embedding as the LM head (logits = x @ lm_head.T).
+        Requires exit_dim == hidden_size so that x lives in the target's hidden space; we chose
+        this over an extra E -> D projection because the input projection already maps 2D -> D,
+        so the tied drafter needs no new weight kind.
+    draft_vocab_size: K, draft over only K target tokens (the K most frequent), mapped back to
+        target ids by `TargetEmbeddings.vocab_map`; None drafts over all V tokens.
+    reference_logits: reproduce the PyTorch reference exactly: subtract the max logit, set all but
+        the top-50 logits to -50000, then log-softmax.
+    """
+
+    hidden_size: int
+    vocab_size: int
+    exit_dim: int
+    num_draft_layers: int = 1
+    tie_lm_head: bool = False
+    draft_vocab_size: int | None = None
+    reference_logits: bool = False
+
+    def __post_init__(self):
+        _positive("DrafterConfig", "hidden_size", self.hidden_size)
+        _positive("DrafterConfig", "vocab_size", self.vocab_size)
+        _positive("DrafterConfig", "exit_dim", self.exit_dim)
+        _positive("DrafterConfig", "num_draft_layers", self.num_draft_layers, minimum=0)
+        if self.tie_lm_head and self.exit_dim != self.hidden_size:
+            raise ValueError(
+                f"DrafterConfig.exit_dim must equal hidden_size ({self.hidden_size}) when "
+                f"tie_lm_head is set, got {self.exit_dim}"
+            )
+        if self.draft_vocab_size is not None:
+            _positive("DrafterConfig", "draft_vocab_size", self.draft_vocab_size)
+            if self.draft_vocab_size > self.vocab_size:
+                raise ValueError(
+                    f"DrafterConfig.draft_vocab_size must be <= vocab_size ({self.vocab_size}), "
+                    f"got {self.draft_vocab_size}"
+                )
+
+    @property
+    def has_input_proj(self) -> bool:
+        return 2 * self.hidden_size != self.exit_dim
+
+    @property
+    def draft_vocab(self) -> int:
+        """The size of the distributions the drafter produces (K if reduced, else V)."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Beam search shape: `width` beams (W) of `length` drafted tokens (L) after the LLM's token."""
+
+    width: int
+    length: int
+
+    def __post_init__(self):
+        _positive("BeamConfig", "width", self.width)
+        _positive("BeamConfig", "length", self.length)

@@ -1,0 +1,187 @@
+"""The ReDrafter draft head as pure functions over a params pytree, written for one sequence.
+
+    s' = SiLU(E(token) W + s U + b)                      (RNN over the target's token embeddings)
+    logits = LMHead(ResBlocks(InputProj(concat(llm_state, s'))))
+
+Params (plain dict; weights are `x @ w`, i.e. the transpose of torch's `Linear.weight`):
+
+    {"rnn": {"w": [D, H], "u": [H, H], "b": [H]},
+     "input_proj": {"w_llm": [D, E], "w_rnn": [H, E], "b": [E]},   # iff 2D != E
+     "res_blocks": [{"w": [E, E], "b": [E]}, ...],                 # num_draft_layers
+     "lm_head": [E, V_draft]}                                      # iff not tie_lm_head
+
+The layer that reads concat(llm_state, s') (the input projection, or else the first ResBlock,
+whose dict then holds "w_llm"/"w_rnn" instead of "w") keeps its weight split into the llm_state
+rows and the s' rows: llm_state is fixed per prompt, so `context` computes its half once per
+prompt instead of once per beam per step. Which layers exist follows from the config, never from
+the params' keys.
+
+The target's tables arrive as an argument (`TargetEmbeddings`), never stored in params.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from drafter.config import REFERENCE_MASK_VALUE, REFERENCE_TOP_K, DrafterConfig
+
+
+class TargetEmbeddings(NamedTuple):
+    """The target LLM's tables the drafter reads: embed [V, D], lm_head [V, D] | None (needed iff
+    tie_lm_head), vocab_map [K] int | None (draft id -> target id; needed iff draft_vocab_size)."""
+
+    embed: jax.Array
+    lm_head: jax.Array | None = None
+    vocab_map: jax.Array | None = None
+
+
+def _linear_init(key, fan_in: int, shape, dtype):
+    # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+    bound = 1.0 / fan_in**0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _split_layer_init(key, d: int, out: int, dtype) -> dict:
+    k_llm, k_rnn, k_b = jax.random.split(key, 3)
+    return {
+        "w_llm": _linear_init(k_llm, 2 * d, (d, out), dtype),
+        "w_rnn": _linear_init(k_rnn, 2 * d, (d, out), dtype),
+        "b": _linear_init(k_b, 2 * d, (out,), dtype),
+    }
+
+
+def init_params(config: DrafterConfig, key, dtype=jnp.float32) -> dict:
+    """Random params with torch.nn.Linear's default initialisation."""
+    d, e = config.hidden_size, config.exit_dim
+    k_rnn, k_proj, k_res, k_head = jax.random.split(key, 4)
+    kw, ku, kb = jax.random.split(k_rnn, 3)
+    params = {"rnn": {"w": _linear_init(kw, d, (d, d), dtype),
+                      "u": _linear_init(ku, d, (d, d), dtype),
+                      "b": _linear_init(kb, d, (d,), dtype)}}  # fmt: skip
+    if config.has_input_proj:
+        params["input_proj"] = _split_layer_init(k_proj, d, e, dtype)
+    blocks = []
+    for i, k in enumerate(jax.random.split(k_res, config.num_draft_layers)):
+        if i == 0 and not config.has_input_proj:
+            blocks.append(_split_layer_init(k, d, e, dtype))
+        else:
+            kw, kb = jax.random.split(k)
+            blocks.append({"w": _linear_init(kw, e, (e, e), dtype),
+                           "b": _linear_init(kb, e, (e,), dtype)})  # fmt: skip
+    params["res_blocks"] = blocks
+    if not config.tie_lm_head:
+        params["lm_head"] = _linear_init(k_head, e, (e, config.draft_vocab), dtype)
+    return params
+
+
+def check_target(config: DrafterConfig, target: TargetEmbeddings) -> None:
+    """Raise a ValueError naming the field if target's tables do not fit config (static shapes)."""
+    v, d, k = config.vocab_size, config.hidden_size, config.draft_vocab_size
+    if tuple(target.embed.shape) != (v, d):
+        raise ValueError(f"TargetEmbeddings.embed must be [{v}, {d}], got {target.embed.shape}")
+    if config.tie_lm_head and (target.lm_head is None or tuple(target.lm_head.shape) != (v, d)):
+        got = None if target.lm_head is None else target.lm_head.shape
+        raise ValueError(f"TargetEmbeddings.lm_head must be [{v}, {d}] (tie_lm_head), got {got}")
+    if k is not None and (target.vocab_map is None or tuple(target.vocab_map.shape) != (k,)):
+        got = None if target.vocab_map is None else target.vocab_map.shape
+        raise ValueError(f"TargetEmbeddings.vocab_map must be [{k}] (draft_vocab_size), got {got}")
+    if k is None and target.vocab_map is not None:
+        raise ValueError(
+            "TargetEmbeddings.vocab_map given but DrafterConfig.draft_vocab_size is None"
+        )
+
+
+def to_target_ids(target: TargetEmbeddings, draft_ids):
+    """[...] draft ids -> [...] int32 target ids (identity without a reduced vocabulary)."""
+    ids = draft_ids if target.vocab_map is None else target.vocab_map[draft_ids]
+    return ids.astype(jnp.int32)
+
+
+def rnn_step(params: dict, embedding, rnn_state):
+    """[D], [H] -> [H]: s' = SiLU(E(token) W + s U + b)."""
+    rnn = params["rnn"]
+    return jax.nn.silu(embedding @ rnn["w"] + rnn_state @ rnn["u"] + rnn["b"])
+
+
+def context(params: dict, config: DrafterConfig, llm_state):
+    """[D] -> [E]: the llm_state half (plus bias) of the layer that reads concat(llm_state, s').
+
+    Constant per prompt. Without input projection and ResBlocks it is unused (returns llm_state).
+    """
+    if config.has_input_proj:
+        layer = params["input_proj"]
+    elif config.num_draft_layers > 0:
+        layer = params["res_blocks"][0]
+    else:
+        return llm_state
+    return llm_state @ layer["w_llm"] + layer["b"]
+
+
+def features(params: dict, config: DrafterConfig, llm_state, ctx, rnn_state):
+    """[D], [E] (from `context`), [H] -> [E]: ResBlocks(InputProj(concat(llm_state, s')))."""
+    blocks = params["res_blocks"]
+    if config.has_input_proj:
+        x = ctx + rnn_state @ params["input_proj"]["w_rnn"]
+    else:
+        x = jnp.concatenate([llm_state, rnn_state], axis=-1)
+        if blocks:
+            x = x + jax.nn.silu(ctx + rnn_state @ blocks[0]["w_rnn"])
+            blocks = blocks[1:]
+    for block in blocks:
+        x = x + jax.nn.silu(x @ block["w"] + block["b"])
+    return x
+
+
+def head_weights(params: dict, config: DrafterConfig, target: TargetEmbeddings):
+    """The LM head: [E, V_draft] own weights, or the target's [V_draft, D] rows if tied.
+
+    With a tied head and a reduced vocabulary this gathers K rows: call it once per drafting call,
+    not once per step.
+    """
+    if not config.tie_lm_head:
+        return params["lm_head"]
+    if target.vocab_map is None:
+        return target.lm_head
+    return target.lm_head[target.vocab_map]
+
+
+def head_logits(config: DrafterConfig, head, x):
+    """[..., E] -> [..., V_draft] raw logits."""
+    if config.tie_lm_head:
+        # Contract over the rows' D axis directly; no transposed copy of the table.
+        return jax.lax.dot_general(x, head, (((x.ndim - 1,), (1,)), ((), ())))
+    return x @ head
+
+
+def logits_to_log_probs(config: DrafterConfig, logits):
+    """[..., V_draft] -> [..., V_draft] log-probabilities (the reference's warp if configured)."""
+    logits = logits.astype(jnp.float32)
+    if config.reference_logits:
+        logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+        k = min(REFERENCE_TOP_K, logits.shape[-1])
+        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+        logits = jnp.where(logits < kth, REFERENCE_MASK_VALUE, logits)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def draft_logits(params: dict, config: DrafterConfig, target: TargetEmbeddings, llm_state, s):
+    """[D], [H] (the updated state s') -> [V_draft] raw logits. For training and tests."""
+    x = features(params, config, llm_state, context(params, config, llm_state), s)
+    return head_logits(config, head_weights(params, config, target), x)
+
+
+def rnn_drafter(params: dict, config: DrafterConfig, target: TargetEmbeddings, llm_state,
+                rnn_state, token):  # fmt: skip
+    """[D], [H], [] target id -> [H], [V_draft]: one drafting step for one sequence.
+
+    Feeds `token` (a target id: the LLM's own token may lie outside a reduced draft vocabulary)
+    into the RNN, then predicts the next token's log-probabilities (over draft ids) from
+    concat(llm_state, s'), the reference's order.
+    """
+    embedding = target.embed[token]
+    new_state = rnn_step(params, embedding, rnn_state)
+    logits = draft_logits(params, config, target, llm_state, new_state)
+    return new_state, logits_to_log_probs(config, logits)
