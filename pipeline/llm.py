@@ -1,0 +1,296 @@
+"""The target LLM: a Llama-architecture decoder as pure functions over a params pytree.
+
+Written for one sequence (`forward_seq`: `[T]` tokens against `[N, S, Hkv, hd]` cache slots) and
+vmapped over the batch in `forward`, so every matmul still runs as one `[B*T, D] x [D, F]` product.
+Layers are stacked on a leading `N` axis and run with `lax.scan`, so compile time does not grow
+with depth.
+
+The forward pass never writes the cache: the new tokens' keys/values come back in `ForwardOut`
+and `commit` writes the ones the caller keeps. Attention runs over `S` cache slots plus the `T`
+new tokens under an arbitrary boolean mask `[T, S + T]` and per-token positions, which is what
+lets the verifier score a packed prefix tree of drafts in one pass. Prompts are right-padded.
+
+RoPE uses the Hugging Face "rotate-half" layout (the two halves of each head are the real and
+imaginary parts); the GGUF loader un-permutes q/k into it.
+
+Weights may be fp32 or bf16: matmuls take the weight's dtype and accumulate in fp32; the residual
+stream, norms, softmax and logits stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so a query whose every column is masked gets a uniform (not NaN) distribution.
+MASKED = -1e30
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and constants of a Llama-architecture model (hashable: a static jit argument)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    max_seq_len: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        # Loaders pass lists from JSON/GGUF metadata; keep the config hashable.
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_len",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values `[N, B, S, Hkv, hd]` and per-row filled lengths `[B]` int32.
+
+    Slots `>= lengths[b]` hold garbage and are always masked out.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+class ForwardOut(NamedTuple):
+    """logits `[B, T, V]` fp32, hidden `[B, T, D]` (after the final norm), new_k/new_v
+    `[N, B, T, Hkv, hd]` (the new tokens' keys/values, RoPE applied, not yet in the cache)."""
+
+    logits: jax.Array
+    hidden: jax.Array
+    new_k: jax.Array
+    new_v: jax.Array
+
+
+def init_params(config: LlamaConfig, key, dtype=jnp.float32) -> dict:
+    """A random model of `config`'s shape (scaled normal weights, unit norms)."""
+    n, d, f = config.num_layers, config.hidden_size, config.intermediate_size
+    q_dim = config.num_heads * config.head_dim
+    kv_dim = config.num_kv_heads * config.head_dim
+    keys = iter(jax.random.split(key, 10))
+
+    def dense(shape):
+        w = jax.random.normal(next(keys), shape, jnp.float32) / jnp.sqrt(shape[-2])
+        return w.astype(dtype)
+
+    params = {
+        "embed": (jax.random.normal(next(keys), (config.vocab_size, d)) * 0.5).astype(dtype),
+        "final_norm": jnp.ones((d,), dtype),
+        "layers": {
+            "attn_norm": jnp.ones((n, d), dtype),
+            "wq": dense((n, d, q_dim)),
+            "wk": dense((n, d, kv_dim)),
+            "wv": dense((n, d, kv_dim)),
+            "wo": dense((n, q_dim, d)),
+            "mlp_norm": jnp.ones((n, d), dtype),
+            "w_gate": dense((n, d, f)),
+            "w_up": dense((n, d, f)),
+            "w_down": dense((n, f, d)),
+        },
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = dense((d, config.vocab_size)).T
+    return params
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of `max_len` slots per row."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def rms_norm(x, weight, eps: float):
+    """[..., D], [D] -> [..., D] fp32."""
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * weight.astype(jnp.float32)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """[T] int -> cos, sin [T, hd] for the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """[T, H, hd], [T, hd], [T, hd] -> [T, H, hd]: rotate pairs (i, i + hd/2) by the angle."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _dense(x, w):
+    """[..., I], [I, O] -> [..., O] fp32: the weight's dtype for the product, fp32 accumulation."""
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def attention(q, k, v, cache_k, cache_v, mask):
+    """[T, Hq, hd], [T, Hkv, hd] x2, [S, Hkv, hd] x2, [T, S+T] bool -> [T, Hq*hd] fp32.
+
+    Scores against the cache and against the new tokens are computed separately and only the
+    (small) score matrices are concatenated, so the `S`-slot cache is read once, never copied.
+    """
+    t, hq, hd = q.shape
+    hkv = k.shape[1]
+    q = (q * hd**-0.5).reshape(t, hkv, hq // hkv, hd)
+    f32 = jnp.float32
+    cache_scores = jnp.einsum(
+        "tkgd,skd->kgts", q.astype(cache_k.dtype), cache_k, preferred_element_type=f32
+    )
+    new_scores = jnp.einsum("tkgd,ukd->kgtu", q, k, preferred_element_type=f32)
+    scores = jnp.concatenate([cache_scores, new_scores], axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
+    s = cache_k.shape[0]
+    out = jnp.einsum(
+        "kgts,skd->tkgd", probs[..., :s].astype(cache_v.dtype), cache_v, preferred_element_type=f32
+    )
+    out = out + jnp.einsum("kgtu,ukd->tkgd", probs[..., s:], v, preferred_element_type=f32)
+    return out.reshape(t, hq * hd)
+
+
+def decoder_layer(config: LlamaConfig, layer: dict, x, cache_k, cache_v, cos, sin, mask):
+    """One block for one sequence: [T, D] fp32 -> [T, D], new k, v [T, Hkv, hd] (cache dtype)."""
+    t = x.shape[0]
+    hd, eps = config.head_dim, config.rms_norm_eps
+    h = rms_norm(x, layer["attn_norm"], eps)
+    q = apply_rope(_dense(h, layer["wq"]).reshape(t, config.num_heads, hd), cos, sin)
+    k = apply_rope(_dense(h, layer["wk"]).reshape(t, config.num_kv_heads, hd), cos, sin)
+    v = _dense(h, layer["wv"]).reshape(t, config.num_kv_heads, hd)
+    # Round the new keys/values to the cache dtype now, so attending to them here and later
+    # from the cache gives identical results.
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    x = x + _dense(attention(q, k, v, cache_k, cache_v, mask), layer["wo"])
+    h = rms_norm(x, layer["mlp_norm"], eps)
+    gated = jax.nn.silu(_dense(h, layer["w_gate"])) * _dense(h, layer["w_up"])
+    return x + _dense(gated, layer["w_down"]), k, v
+
+
+def forward_seq_hidden(params, config: LlamaConfig, tokens, positions, cache_k, cache_v, mask):
+    """One sequence: [T], [T], [N, S, Hkv, hd] x2, [T, S+T] bool ->
+    hidden [T, D] (after the final norm), new_k, new_v [N, T, Hkv, hd]."""
+    x = params["embed"][tokens].astype(jnp.float32)
+    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+
+    def step(x, per_layer):
+        layer, ck, cv = per_layer
+        x, k, v = decoder_layer(config, layer, x, ck, cv, cos, sin, mask)
+        return x, (k, v)
+
+    x, (new_k, new_v) = jax.lax.scan(step, x, (params["layers"], cache_k, cache_v))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_k, new_v
+
+
+def lm_logits(params, hidden):
+    """[..., D] -> [..., V] fp32, through the untied head if there is one, else the embedding."""
+    table = params.get("lm_head", params["embed"])
+    return jnp.einsum(
+        "...d,vd->...v", hidden.astype(table.dtype), table, preferred_element_type=jnp.float32
+    )
+
+
+def forward_hidden(params, config: LlamaConfig, tokens, positions, cache: KVCache, mask):
+    """[B, T], [B, T], cache, [B, T, S+T] -> hidden [B, T, D], new_k, new_v [N, B, T, Hkv, hd].
+
+    `forward` without the head, for callers that need logits at only a few positions.
+    """
+    run = jax.vmap(forward_seq_hidden, in_axes=(None, None, 0, 0, 1, 1, 0), out_axes=(0, 1, 1))
+    return run(params, config, tokens, positions, cache.k, cache.v, mask)
+
+
+def forward(params, config: LlamaConfig, tokens, positions, cache: KVCache, mask) -> ForwardOut:
+    """[B, T] tokens, [B, T] positions, cache, [B, T, S+T] bool mask -> ForwardOut.
+
+    Mask columns `0..S-1` are cache slots, `S..S+T-1` the new tokens. Does not write the cache.
+    """
+    _check_shapes(config, tokens, positions, cache, mask)
+    hidden, new_k, new_v = forward_hidden(params, config, tokens, positions, cache, mask)
+    return ForwardOut(lm_logits(params, hidden), hidden, new_k, new_v)
+
+
+def _check_shapes(config, tokens, positions, cache, mask):
+    b, t = tokens.shape
+    s = cache.k.shape[2]
+    if positions.shape != (b, t):
+        raise ValueError(f"forward: positions {positions.shape} must match tokens {(b, t)}")
+    if cache.k.shape[:2] != (config.num_layers, b):
+        want = (config.num_layers, b)
+        raise ValueError(f"forward: cache.k {cache.k.shape} must start with (N, B)={want}")
+    if mask.shape != (b, t, s + t):
+        raise ValueError(f"forward: mask {mask.shape} must be (B, T, S+T)={(b, t, s + t)}")
+
+
+def _commit_seq(k, v, length, new_k, new_v, take, count):
+    """[N, S, Hkv, hd] x2, [], [N, T, Hkv, hd] x2, [T'], [] -> k, v, length."""
+    j = jnp.arange(take.shape[0])
+    # Entries past `count` go to slot S, which `mode="drop"` discards.
+    slots = jnp.where(j < count, length + j, k.shape[1])
+    k = k.at[:, slots].set(new_k[:, take].astype(k.dtype), mode="drop")
+    v = v.at[:, slots].set(new_v[:, take].astype(v.dtype), mode="drop")
+    return k, v, length + count
+
+
+def commit(cache: KVCache, new_k, new_v, take, count) -> KVCache:
+    """cache, [N, B, T, Hkv, hd] x2, take [B, T'] int, count [B] -> cache.
+
+    Row `b` writes `new_*[:, b, take[b, j]]` into slot `lengths[b] + j` for `j < count[b]`, then
+    `lengths += count`. The caller sizes the cache: slots past `S` are dropped.
+    """
+    run = jax.vmap(_commit_seq, in_axes=(1, 1, 0, 1, 1, 0, 0), out_axes=(1, 1, 0))
+    k, v, lengths = run(cache.k, cache.v, cache.lengths, new_k, new_v, take, count)
+    return KVCache(k, v, lengths)
+
+
+def _causal_mask_seq(length, num_slots: int, valid):
+    """[], static S, [T] bool -> [T, S+T]: the filled cache slots, then causal over valid tokens.
+
+    Every token sees itself, so padded tokens stay finite.
+    """
+    t = valid.shape[0]
+    cache_cols = jnp.broadcast_to(jnp.arange(num_slots)[None, :] < length, (t, num_slots))
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    new_cols = ((j <= i) & valid[None, :]) | (i == j)
+    return jnp.concatenate([cache_cols, new_cols], axis=-1)
+
+
+def causal_mask(lengths, num_slots: int, num_new: int, valid=None):
+    """[B], static S, static T, [B, T] bool | None -> [B, T, S+T] bool."""
+    if valid is None:
+        valid = jnp.ones((lengths.shape[0], num_new), bool)
+    return jax.vmap(_causal_mask_seq, in_axes=(0, None, 0))(lengths, num_slots, valid)
