@@ -1,0 +1,36 @@
+"""The ReDrafter draft model and drafting: pure functions over a params pytree."""
+
+from drafter.config import BeamConfig, DrafterConfig
+from drafter.drafting import Drafts, beam_search, draft_batch, sample_drafts, sample_seq
+from drafter.model import (
+    TargetEmbeddings,
+    check_target,
+    draft_logits,
+    init_params,
+    logits_to_log_probs,
+    rnn_drafter,
+    rnn_step,
+    to_target_ids,
+)
+from drafter.sampling import SamplingConfig, sample, warp_log_probs
+
+__all__ = [
+    "BeamConfig",
+    "DrafterConfig",
+    "Drafts",
+    "SamplingConfig",
+    "TargetEmbeddings",
+    "beam_search",
+    "check_target",
+    "draft_batch",
+    "draft_logits",
+    "init_params",
+    "logits_to_log_probs",
+    "rnn_drafter",
+    "rnn_step",
+    "sample",
+    "sample_drafts",
+    "sample_seq",
+    "to_target_ids",
+    "warp_log_probs",
+]

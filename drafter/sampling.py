@@ -61,6 +61,11 @@ def warp_log_probs(logits, temperature, top_k: int | None = None, top_p=None):
 
 def sample(key, logits, temperature, top_k: int | None = None, top_p=None):
     """key, [V], [], static, [] -> [] int32 token: argmax when temperature == 0, else a draw."""
-    log_probs = warp_log_probs(logits, temperature, top_k, top_p)
-    drawn = jax.random.categorical(key, log_probs)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(log_probs)).astype(jnp.int32)
+    return draw(key, warp_log_probs(logits, temperature, top_k, top_p), temperature)
+
+
+def draw(key, warped_log_probs, temperature):
+    """key, [V] (from `warp_log_probs`), [] -> [] int32: `sample` for callers that keep the
+    warped distribution (drafts record it), so it is not computed twice."""
+    drawn = jax.random.categorical(key, warped_log_probs)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(warped_log_probs)).astype(jnp.int32)
