@@ -1,8 +1,8 @@
 """`specdraft bench <name>`: run one benchmark and write its JSON.
 
 Each benchmark is a module `benchmarks/<name>.py` exposing `add_arguments(parser)` and
-`run(args) -> dict` (the JSON document). This module only wires them and writes `--out`.
-Benchmark modules import JAX and their subjects inside `run`, so building the parser stays fast.
+`run(args) -> dict` (the JSON document). This module only wires them and writes `--out`; a
+benchmark's module is imported only when its name is on the command line.
 """
 
 from __future__ import annotations
@@ -32,16 +32,36 @@ def _load(module_name: str):
         raise
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        module = _load(module_name)
+class _LazyParser(argparse.ArgumentParser):
+    """A benchmark's parser that imports its module and adds its flags only when it is used, so
+    `specdraft bench drafter` never imports (say) Ray for the cluster benchmark."""
+
+    def __init__(self, *args, module_name: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module_name = module_name
+
+    def _load_flags(self) -> None:
+        if self._module_name is None:
+            return
+        module = _load(self._module_name)
+        self._module_name = None
         if module is None:
-            help_text += " (not available in this version)"
-        p = sub.add_parser(name, help=help_text, description=help_text)
+            self.description = f"{self.description} (not available in this version)"
+        else:
+            module.add_arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load_flags()
+        return super().parse_known_args(args, namespace)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(
+        dest="benchmark", metavar="BENCHMARK", required=True, parser_class=_LazyParser
+    )
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, module_name=module_name)
         p.add_argument("--out", type=Path, default=None, help="write the JSON here (else stdout)")
-        if module is not None:
-            module.add_arguments(p)
 
 
 def write_json(document: dict, out: Path | None) -> None:
