@@ -12,6 +12,7 @@ from drafter.model import (
     rnn_step,
     to_target_ids,
 )
+from drafter.reference import load_reference, save_reference
 from drafter.sampling import SamplingConfig, sample, warp_log_probs
 
 __all__ = [
@@ -25,12 +26,14 @@ __all__ = [
     "draft_batch",
     "draft_logits",
     "init_params",
+    "load_reference",
     "logits_to_log_probs",
     "rnn_drafter",
     "rnn_step",
     "sample",
     "sample_drafts",
     "sample_seq",
+    "save_reference",
     "to_target_ids",
     "warp_log_probs",
 ]

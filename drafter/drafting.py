@@ -59,9 +59,20 @@ def _step_fn(params, config: DrafterConfig, target: TargetEmbeddings, llm_state)
     return step
 
 
-def sample_seq(params, config: DrafterConfig, target: TargetEmbeddings, llm_state, llm_token,
-               rnn_state0, key, temperature, length: int, top_k: int | None = None,
-               top_p=None, return_log_probs: bool = False) -> Drafts:  # fmt: skip
+def sample_seq(
+    params,
+    config: DrafterConfig,
+    target: TargetEmbeddings,
+    llm_state,
+    llm_token,
+    rnn_state0,
+    key,
+    temperature,
+    length: int,
+    top_k: int | None = None,
+    top_p=None,
+    return_log_probs: bool = False,
+) -> Drafts:
     """[D], [], [H], key, [] -> Drafts(tokens [L+1], scores [], token_log_probs [L],
     log_probs [L, V_draft] | None): one draft of `length` tokens, sampled (greedy at temperature 0).
 
@@ -85,9 +96,20 @@ def sample_seq(params, config: DrafterConfig, target: TargetEmbeddings, llm_stat
     return Drafts(tokens, jnp.sum(token_lp), token_lp, log_probs)
 
 
-def sample_drafts(params, config: DrafterConfig, target: TargetEmbeddings, llm_states, llm_tokens,
-                  base_key, sequence_ids, temperature, beam: BeamConfig, top_k: int | None = None,
-                  top_p=None, return_log_probs: bool = False) -> Drafts:  # fmt: skip
+def sample_drafts(
+    params,
+    config: DrafterConfig,
+    target: TargetEmbeddings,
+    llm_states,
+    llm_tokens,
+    base_key,
+    sequence_ids,
+    temperature,
+    beam: BeamConfig,
+    top_k: int | None = None,
+    top_p=None,
+    return_log_probs: bool = False,
+) -> Drafts:
     """[B, D], [B], key, [B], [] | [B] -> Drafts [B, W, ...]: `beam.width` independent samples per
     prompt, `sample_seq` vmapped over beams and then over the batch.
 
@@ -99,8 +121,20 @@ def sample_drafts(params, config: DrafterConfig, target: TargetEmbeddings, llm_s
     rnn_state0 = jnp.zeros((width, config.hidden_size), llm_states.dtype)
 
     def one(rnn0, key, llm_state, llm_token, temp):
-        return sample_seq(params, config, target, llm_state, llm_token, rnn0, key, temp,
-                          beam.length, top_k, top_p, return_log_probs)  # fmt: skip
+        return sample_seq(
+            params,
+            config,
+            target,
+            llm_state,
+            llm_token,
+            rnn0,
+            key,
+            temp,
+            beam.length,
+            top_k,
+            top_p,
+            return_log_probs,
+        )
 
     over_beams = jax.vmap(one, in_axes=(0, 0, None, None, None))
 
@@ -131,8 +165,9 @@ def _grow(step, target, width: int, return_log_probs: bool):
         joint = (scores[:, None] + log_probs).reshape(-1)
         scores, flat = jax.lax.top_k(joint, width)
         parents, ids = flat // vocab, flat % vocab
-        level = _Level(ids, parents, log_probs[parents, ids],
-                       log_probs if return_log_probs else None)  # fmt: skip
+        level = _Level(
+            ids, parents, log_probs[parents, ids], log_probs if return_log_probs else None
+        )
         return (rnn_states[parents], scores, to_target_ids(target, ids)), level
 
     return body
@@ -154,8 +189,15 @@ def _backtrack(levels: _Level):
     return ids.T, token_lp.T, dists
 
 
-def beam_search(params, config: DrafterConfig, target: TargetEmbeddings, llm_state, llm_token,
-                beam: BeamConfig, return_log_probs: bool = False) -> Drafts:  # fmt: skip
+def beam_search(
+    params,
+    config: DrafterConfig,
+    target: TargetEmbeddings,
+    llm_state,
+    llm_token,
+    beam: BeamConfig,
+    return_log_probs: bool = False,
+) -> Drafts:
     """[D], [] -> Drafts [W, ...]: the reference's beam search for one prompt.
 
     Every beam starts from the LLM's token with a zero RNN state. The first step would give all W
@@ -175,8 +217,11 @@ def beam_search(params, config: DrafterConfig, target: TargetEmbeddings, llm_sta
     first_dist = jnp.broadcast_to(log_probs, (width, vocab)) if return_log_probs else None
     levels = jax.tree.map(lambda x: x[None], _Level(ids, jnp.zeros_like(ids), scores, first_dist))
     if beam.length > 1:
-        carry = (jnp.broadcast_to(rnn_state, (width, rnn_state.shape[0])), scores,
-                 to_target_ids(target, ids))  # fmt: skip
+        carry = (
+            jnp.broadcast_to(rnn_state, (width, rnn_state.shape[0])),
+            scores,
+            to_target_ids(target, ids),
+        )
         body = _grow(step, target, width, return_log_probs)
         (_, scores, _), later = jax.lax.scan(body, carry, None, length=beam.length - 1)
         levels = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), levels, later)
@@ -185,8 +230,15 @@ def beam_search(params, config: DrafterConfig, target: TargetEmbeddings, llm_sta
     return Drafts(tokens, scores, token_lp, dists)
 
 
-def draft_batch(params, config: DrafterConfig, target: TargetEmbeddings, llm_states, llm_tokens,
-                beam: BeamConfig, return_log_probs: bool = False) -> Drafts:  # fmt: skip
+def draft_batch(
+    params,
+    config: DrafterConfig,
+    target: TargetEmbeddings,
+    llm_states,
+    llm_tokens,
+    beam: BeamConfig,
+    return_log_probs: bool = False,
+) -> Drafts:
     """[B, D], [B] -> Drafts [B, W, ...]: `beam_search` vmapped over the batch."""
 
     def one(llm_state, llm_token):

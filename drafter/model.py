@@ -58,9 +58,13 @@ def init_params(config: DrafterConfig, key, dtype=jnp.float32) -> dict:
     d, e = config.hidden_size, config.exit_dim
     k_rnn, k_proj, k_res, k_head = jax.random.split(key, 4)
     kw, ku, kb = jax.random.split(k_rnn, 3)
-    params = {"rnn": {"w": _linear_init(kw, d, (d, d), dtype),
-                      "u": _linear_init(ku, d, (d, d), dtype),
-                      "b": _linear_init(kb, d, (d,), dtype)}}  # fmt: skip
+    params = {
+        "rnn": {
+            "w": _linear_init(kw, d, (d, d), dtype),
+            "u": _linear_init(ku, d, (d, d), dtype),
+            "b": _linear_init(kb, d, (d,), dtype),
+        }
+    }
     if config.has_input_proj:
         params["input_proj"] = _split_layer_init(k_proj, d, e, dtype)
     blocks = []
@@ -69,8 +73,9 @@ def init_params(config: DrafterConfig, key, dtype=jnp.float32) -> dict:
             blocks.append(_split_layer_init(k, d, e, dtype))
         else:
             kw, kb = jax.random.split(k)
-            blocks.append({"w": _linear_init(kw, e, (e, e), dtype),
-                           "b": _linear_init(kb, e, (e,), dtype)})  # fmt: skip
+            blocks.append(
+                {"w": _linear_init(kw, e, (e, e), dtype), "b": _linear_init(kb, e, (e,), dtype)}
+            )
     params["res_blocks"] = blocks
     if not config.tie_lm_head:
         params["lm_head"] = _linear_init(k_head, e, (e, config.draft_vocab), dtype)
@@ -173,8 +178,9 @@ def draft_logits(params: dict, config: DrafterConfig, target: TargetEmbeddings, 
     return head_logits(config, head_weights(params, config, target), x)
 
 
-def rnn_drafter(params: dict, config: DrafterConfig, target: TargetEmbeddings, llm_state,
-                rnn_state, token):  # fmt: skip
+def rnn_drafter(
+    params: dict, config: DrafterConfig, target: TargetEmbeddings, llm_state, rnn_state, token
+):
     """[D], [H], [] target id -> [H], [V_draft]: one drafting step for one sequence.
 
     Feeds `token` (a target id: the LLM's own token may lie outside a reduced draft vocabulary)
