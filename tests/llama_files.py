@@ -5,6 +5,7 @@ and an independent numpy forward pass with Hugging Face semantics."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -208,3 +209,38 @@ def reference_logits(cfg: dict, t: dict[str, np.ndarray], tokens) -> np.ndarray:
     x = _rms(x, t["model.norm.weight"], eps)
     head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     return x @ head.T
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, written from its definition."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in keep]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + i) for i, b in enumerate(extra)})
+    return table
+
+
+# ASCII form of the GPT-2 split; digits were already isolated one by one.
+_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+def reference_bpe(text: str, tokens: list[str], merges: list[str]) -> list[int]:
+    """Plain BPE for ASCII text: pre-split, map bytes, apply the lowest-ranked merge until none."""
+    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    vocab = {t: i for i, t in enumerate(tokens)}
+    b2u = _byte_to_unicode()
+    ids = []
+    for chunk in re.split(r"(\d)", text):
+        for piece in _SPLIT.findall(chunk):
+            word = [b2u[b] for b in piece.encode()]
+            while len(word) > 1:
+                pairs = [
+                    (ranks.get(p, 1 << 30), i)
+                    for i, p in enumerate(zip(word[:-1], word[1:], strict=True))
+                ]
+                rank, i = min(pairs)
+                if rank == 1 << 30:
+                    break
+                word = word[:i] + [word[i] + word[i + 1]] + word[i + 2 :]
+            ids += [vocab[w] for w in word]
+    return ids

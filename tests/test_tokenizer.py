@@ -5,7 +5,6 @@ text, treat control tokens as special, and render the model's own chat template.
 from __future__ import annotations
 
 import json
-import re
 
 import jinja2
 import pytest
@@ -14,7 +13,14 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pipeline.gguf_file import ModelFileError
 from pipeline.tokenizer import CHATML_TEMPLATE, Tokenizer
-from tests.llama_files import TINY, gguf_tensors, hf_config, random_hf_tensors, write_gguf
+from tests.llama_files import (
+    TINY,
+    gguf_tensors,
+    hf_config,
+    random_hf_tensors,
+    reference_bpe,
+    write_gguf,
+)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -74,41 +80,6 @@ def trained(tmp_path_factory):
     tensors = gguf_tensors(cfg, random_hf_tensors(cfg))
     path = write_gguf(tmp / "tok.gguf", cfg, tensors, tokenizer=meta)
     return {"gguf": path, "json": tmp / "tokenizer.json", "meta": meta, "cfg": cfg, "tmp": tmp}
-
-
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte, written from its definition."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(256 + i) for i, b in enumerate(extra)})
-    return table
-
-
-# ASCII form of the GPT-2 split; digits were already isolated one by one.
-_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
-
-
-def reference_bpe(text: str, tokens: list[str], merges: list[str]) -> list[int]:
-    """Plain BPE for ASCII text: pre-split, map bytes, apply the lowest-ranked merge until none."""
-    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
-    vocab = {t: i for i, t in enumerate(tokens)}
-    b2u = _byte_to_unicode()
-    ids = []
-    for chunk in re.split(r"(\d)", text):
-        for piece in _SPLIT.findall(chunk):
-            word = [b2u[b] for b in piece.encode()]
-            while len(word) > 1:
-                pairs = [
-                    (ranks.get(p, 1 << 30), i)
-                    for i, p in enumerate(zip(word[:-1], word[1:], strict=True))
-                ]
-                rank, i = min(pairs)
-                if rank == 1 << 30:
-                    break
-                word = word[:i] + [word[i] + word[i + 1]] + word[i + 2 :]
-            ids += [vocab[w] for w in word]
-    return ids
 
 
 def test_gguf_and_json_tokenizers_encode_identically_and_round_trip(trained):
