@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,15 +31,19 @@ from cluster.results import JobStats, ResultWriter, load_done
 from cluster.worker import KINDS, Worker, WorkerResources, process_batch, worker_options
 from pipeline.prompts import PromptFile, PromptItem
 
+PROBE_INTERVAL_S = 0.25  # between liveness probes of a worker that Ray is restarting
+
 
 @dataclass(frozen=True)
 class DispatchConfig:
-    """How work is cut and spread: prompts per batch, batches in flight per worker, and how many
-    times a batch may be lost with a dead worker before it is split into single prompts."""
+    """How work is cut and spread: prompts per batch, batches in flight per worker, how many
+    times a batch may be lost with a dead worker before it is split into single prompts, and
+    how long to wait for Ray to restart a dead worker before dropping it."""
 
-    batch_size: int = 8
+    batch_size: int = 8  # the engine pads a batch to a multiple of its device count
     in_flight_per_worker: int = 2
     max_batch_attempts: int = 2
+    restart_timeout_s: float = 600.0
 
     def __post_init__(self):
         for name in ("batch_size", "in_flight_per_worker", "max_batch_attempts"):
@@ -113,9 +118,7 @@ def start_workers(
     if failed:
         pool.shutdown()
         error = next(iter(failed.values()))
-        raise RuntimeError(
-            f"{len(failed)} of {count} workers failed to build the engine ({name}: {error})"
-        )
+        raise RuntimeError(f"{len(failed)} of {count} workers could not build the engine: {error}")
     return pool
 
 
@@ -135,20 +138,29 @@ class _Dispatcher:
         self.pending: collections.deque[tuple[PromptItem, ...]] = collections.deque()
         self.flying: dict[Any, _Call] = {}
         self.load = collections.Counter()
-        self.probing: set[str] = set()
         self.attempts = collections.Counter()
+        self.probing: dict[str, float] = {}  # worker -> when we stop waiting for its restart
+        self.probe_due: dict[str, float] = {}  # worker -> when to send its next probe
 
     def run(self, batches: list[list[PromptItem]]):
         self.pending.extend(tuple(b) for b in batches)
         while self.pending or self.flying:
             self._fill()
-            if not self.flying:
+            self._send_due_probes()
+            if not self.flying and not self.probe_due:
                 raise AllWorkersDead(
                     f"every worker died; {sum(map(len, self.pending))} prompts not done. "
                     "Re-run the same command to resume from the output file."
                 )
-            (ref,), _ = ray.wait(list(self.flying), num_returns=1)
-            self._collect(ref, self.flying.pop(ref))
+            timeout = min(self.probe_due.values(), default=None)
+            if timeout is not None:
+                timeout = max(0.0, timeout - time.monotonic())
+            if not self.flying:
+                time.sleep(timeout)
+                continue
+            ready, _ = ray.wait(list(self.flying), num_returns=1, timeout=timeout)
+            for ref in ready:
+                self._collect(ref, self.flying.pop(ref))
 
     def _fill(self):
         live = [w for w in self.actors if w not in self.probing]
@@ -161,33 +173,43 @@ class _Dispatcher:
             self.flying[ref] = _Call(worker, batch)
             self.load[worker] += 1
 
+    def _send_due_probes(self):
+        now = time.monotonic()
+        for worker in [w for w, due in self.probe_due.items() if due <= now]:
+            del self.probe_due[worker]
+            self.flying[self.actors[worker].info.remote()] = _Call(worker, None)
+
     def _collect(self, ref, call: _Call):
         if call.batch is not None:
             self.load[call.worker] -= 1
         try:
             out = ray.get(ref)  # already finished: ray.wait returned it
-        except ray.exceptions.RayActorError:
-            self._worker_lost(call)
+        except ray.exceptions.RayActorError as err:
+            self._worker_lost(call, err)
             return
         except ray.exceptions.RayTaskError as err:
-            if call.batch is None:
-                self.probing.discard(call.worker)
-                return
-            out = _failed_batch(call, err)
+            out = None if call.batch is None else _failed_batch(call, err)
         if call.batch is None:
-            self.probing.discard(call.worker)  # restarted by Ray: back in rotation
+            self.probing.pop(call.worker, None)  # restarted by Ray: back in rotation
             return
         self.on_batch(out["worker"], out["seconds"], out["results"])
 
-    def _worker_lost(self, call: _Call):
-        if call.batch is None:  # the probe failed too: the actor is gone for good
-            self.probing.discard(call.worker)
-            self.actors.pop(call.worker, None)
+    def _worker_lost(self, call: _Call, err: Exception):
+        """A call failed with its actor: re-queue its batch and probe until Ray has restarted
+        the actor (probe answers), the actor is dead for good, or the restart takes too long."""
+        worker, now = call.worker, time.monotonic()
+        if call.batch is not None:
+            self._requeue(call.batch)
+            if worker in self.actors and worker not in self.probing:
+                self.probing[worker] = now + self.config.restart_timeout_s
+                self.probe_due[worker] = now
             return
-        self._requeue(call.batch)
-        if call.worker in self.actors and call.worker not in self.probing:
-            self.probing.add(call.worker)
-            self.flying[self.actors[call.worker].info.remote()] = _Call(call.worker, None)
+        restarting = isinstance(err, ray.exceptions.ActorUnavailableError)
+        if restarting and now < self.probing[worker]:
+            self.probe_due[worker] = now + PROBE_INTERVAL_S
+        else:
+            del self.probing[worker]
+            del self.actors[worker]
 
     def _requeue(self, batch: tuple[PromptItem, ...]):
         self.stats.redispatched_batches += 1
@@ -199,7 +221,7 @@ class _Dispatcher:
             self.stats.split_batches += 1
             self.pending.extendleft((item,) for item in reversed(batch))
         else:
-            error = f"a worker died processing this prompt {self.attempts[key]} times"
+            error = f"the worker process died running this prompt ({self.attempts[key]} tries)"
             self.on_batch("coordinator", 0.0, [{"id": batch[0].id, "error": error}])
 
 

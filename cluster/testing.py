@@ -20,12 +20,14 @@ from pipeline.prompts import PromptItem
 class EchoEngine:
     """Test/bench engine. `delay_s` per batch and `delay_per_token_s` simulate compute time;
     prompts longer than `max_prompt_chars` get a per-prompt error (like a context overflow);
-    a prompt whose text contains `fail_marker` makes the whole batch raise (an engine crash)."""
+    a prompt containing `fail_marker` makes its whole batch raise (an engine exception), one
+    containing `exit_marker` kills the process (a segfault, an OOM kill)."""
 
     delay_s: float = 0.0
     delay_per_token_s: float = 0.0
     max_prompt_chars: int = 10_000
     fail_marker: str | None = None
+    exit_marker: str | None = None
 
     @classmethod
     def from_env(cls) -> EchoEngine:
@@ -36,6 +38,7 @@ class EchoEngine:
             delay_per_token_s=float(env("SPECDRAFT_ECHO_DELAY_PER_TOKEN_S", "0")),
             max_prompt_chars=int(env("SPECDRAFT_ECHO_MAX_PROMPT_CHARS", "10000")),
             fail_marker=env("SPECDRAFT_ECHO_FAIL_MARKER"),
+            exit_marker=env("SPECDRAFT_ECHO_EXIT_MARKER"),
         )
 
     def generate(self, items: list[PromptItem]) -> list[dict]:
@@ -48,6 +51,8 @@ class EchoEngine:
         texts = [_text(item) for item in items]
         if self.fail_marker and any(self.fail_marker in t for t in texts):
             raise RuntimeError(f"EchoEngine: batch contains the fail marker {self.fail_marker!r}")
+        if self.exit_marker and any(self.exit_marker in t for t in texts):
+            os._exit(1)
         tokens = sum(len(t) for t in texts)
         time.sleep(self.delay_s + self.delay_per_token_s * tokens)
         return [self._result(item.id, text, draft) for item, text in zip(items, texts, strict=True)]
