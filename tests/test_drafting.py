@@ -1,0 +1,275 @@
+"""Drafting: the vmapped per-sequence code against independently written, hand-vectorized
+[B, W, ...] numpy versions; beam invariants; keys; and golden beams from the PyTorch reference."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_drafter_model import CONFIGS, D, make_target, np_step, torch_layout, vocab_map_for
+
+from drafter import (
+    BeamConfig,
+    TargetEmbeddings,
+    beam_search,
+    draft_batch,
+    init_params,
+    load_reference,
+    sample_drafts,
+)
+
+GOLDEN = Path(__file__).parent / "data" / "reference_golden"
+B = 3
+
+jit_beams = jax.jit(draft_batch, static_argnums=(1, 5, 6))
+jit_samples = jax.jit(sample_drafts, static_argnums=(1, 8, 9, 11))
+
+
+def setup(name, seed=0):
+    config = CONFIGS[name]
+    params = init_params(config, jax.random.key(seed))
+    # Larger weights give peaked distributions, so beams differ in more than their last token.
+    params = jax.tree.map(lambda x: 3.0 * x, params)
+    target = make_target(config, jax.random.key(seed + 1), vocab_map_for(config, seed))
+    rng = np.random.default_rng(seed)
+    llm_states = rng.normal(size=(B, D)).astype(np.float32)
+    llm_tokens = rng.integers(0, config.vocab_size, size=B).astype(np.int32)
+    return config, params, target, llm_states, llm_tokens
+
+
+def draft_to_target(config, target):
+    n = config.draft_vocab
+    return np.arange(n) if target.vocab_map is None else np.asarray(target.vocab_map)
+
+
+def np_beam_search(config, params, target, llm_states, llm_tokens, width, length):
+    """The reference's algorithm, vectorized by hand over [B, W]: every step runs all W beams
+    (beams 1..W-1 start at log 0), and histories are gathered by parent at every step."""
+    tp, to_target = torch_layout(params, config), draft_to_target(config, target)
+    n = config.draft_vocab
+    batch = llm_states.shape[0]
+    scores = np.tile(np.array([0.0] + [-np.inf] * (width - 1)), (batch, 1))
+    tokens = np.repeat(llm_tokens[:, None, None].astype(np.int64), width, axis=1)
+    ids = np.zeros((batch, width, 0), np.int64)
+    state = np.zeros((batch, width, config.hidden_size))
+    dists = np.zeros((batch, width, 0, n))
+    for _ in range(length):
+        state, log_probs = np_step(tp, config, target, llm_states[:, None], state, tokens[..., -1])
+        joint = (scores[..., None] + log_probs).reshape(batch, width * n)
+        top = np.argsort(-joint, axis=-1, kind="stable")[:, :width]
+        scores = np.take_along_axis(joint, top, -1)
+        parent, new_ids = top // n, top % n
+        pick = lambda x, p=parent: np.take_along_axis(
+            x, p.reshape(p.shape + (1,) * (x.ndim - 2)), 1
+        )
+        tokens = np.concatenate([pick(tokens), to_target[new_ids][..., None]], -1)
+        ids = np.concatenate([pick(ids), new_ids[..., None]], -1)
+        state = pick(state)
+        dists = np.concatenate([pick(dists), pick(log_probs)[:, :, None]], 2)
+    token_lp = np.take_along_axis(dists, ids[..., None], -1)[..., 0]
+    return tokens, scores, token_lp, dists
+
+
+@pytest.mark.parametrize(
+    "name", ["proj", "noproj", "noproj_noblocks", "tied", "reduced_tied", "reference_logits"]
+)
+def test_beam_search_matches_hand_vectorized(name):
+    config, params, target, llm_states, llm_tokens = setup(name)
+    beam = BeamConfig(4, 3)
+    got = jit_beams(params, config, target, llm_states, llm_tokens, beam, True)
+    tokens, scores, token_lp, dists = np_beam_search(
+        config, params, target, llm_states, llm_tokens, beam.width, beam.length
+    )
+    np.testing.assert_array_equal(got.tokens, tokens)
+    np.testing.assert_allclose(got.scores, scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.token_log_probs, token_lp, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.log_probs, dists, rtol=1e-4, atol=1e-3)
+
+
+def test_beam_invariants_reduced_vocab():
+    config, params, target, llm_states, llm_tokens = setup("reduced_tied", seed=5)
+    beam = BeamConfig(6, 4)
+    got = jax.tree.map(
+        np.asarray, jit_beams(params, config, target, llm_states, llm_tokens, beam, True)
+    )
+    assert got.tokens.shape == (B, 6, 5) and got.tokens.dtype == np.int32
+    np.testing.assert_array_equal(got.tokens[:, :, 0], np.broadcast_to(llm_tokens[:, None], (B, 6)))
+    vocab_map = np.asarray(target.vocab_map)
+    assert np.isin(got.tokens[:, :, 1:], vocab_map).all()
+    draft_ids = np.argmax(got.tokens[..., 1:, None] == vocab_map, axis=-1)
+    for b in range(B):
+        assert len({tuple(row) for row in got.tokens[b]}) == 6, "beams are not distinct"
+    assert (np.diff(got.scores, axis=-1) <= 0).all(), "scores are not sorted descending"
+    np.testing.assert_allclose(got.scores, got.token_log_probs.sum(-1), rtol=1e-5, atol=1e-5)
+    chosen = np.take_along_axis(got.log_probs, draft_ids[..., None], -1)[..., 0]
+    np.testing.assert_array_equal(chosen, got.token_log_probs)
+    np.testing.assert_allclose(np.exp(got.log_probs).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_length_one_is_top_w_of_first_distribution():
+    config, params, target, llm_states, llm_tokens = setup("proj", seed=2)
+    got = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(5, 1), False)
+    tokens, scores, _, _ = np_beam_search(config, params, target, llm_states, llm_tokens, 5, 1)
+    assert got.log_probs is None
+    np.testing.assert_array_equal(got.tokens, tokens)
+    np.testing.assert_allclose(got.scores, scores, rtol=1e-4, atol=1e-4)
+
+
+def test_width_above_draft_vocab_is_an_error():
+    config, params, target, llm_states, llm_tokens = setup("reduced")
+    with pytest.raises(ValueError, match="BeamConfig.width"):
+        beam_search(params, config, target, llm_states[0], llm_tokens[0], BeamConfig(21, 2))
+
+
+def np_sample(
+    config, params, target, llm_states, llm_tokens, base_key, seq_ids, temps, top_k, width, length
+):
+    """Independent sampling vectorized by hand over [B, W]; only the draw itself is jax's."""
+    tp, to_target = torch_layout(params, config), draft_to_target(config, target)
+    batch = llm_states.shape[0]
+    keys = [
+        [
+            jax.random.split(jax.random.fold_in(jax.random.fold_in(base_key, int(s)), w), length)
+            for w in range(width)
+        ]
+        for s in seq_ids
+    ]
+    state = np.zeros((batch, width, config.hidden_size))
+    tokens = np.repeat(llm_tokens[:, None, None].astype(np.int64), width, axis=1)
+    token_lp = np.zeros((batch, width, 0))
+    for t in range(length):
+        state, log_probs = np_step(tp, config, target, llm_states[:, None], state, tokens[..., -1])
+        tempered = log_probs / np.where(temps > 0, temps, 1.0)[:, None, None]
+        kth = np.sort(tempered, -1)[..., -top_k][..., None]
+        warped = np.where(tempered >= kth, tempered, -np.inf)
+        warped = warped - np.log(np.exp(warped).sum(-1, keepdims=True))
+        ids = np.argmax(warped, -1)
+        for b in range(batch):
+            for w in range(width):
+                if temps[b] > 0:
+                    row = jnp.asarray(warped[b, w], jnp.float32)
+                    ids[b, w] = int(jax.random.categorical(keys[b][w][t], row))
+        token_lp = np.concatenate([token_lp, np.take_along_axis(warped, ids[..., None], -1)], -1)
+        tokens = np.concatenate([tokens, to_target[ids][..., None]], -1)
+    return tokens, token_lp
+
+
+@pytest.mark.parametrize("name", ["proj", "reduced_tied"])
+def test_sampling_matches_hand_vectorized(name):
+    config, params, target, llm_states, llm_tokens = setup(name, seed=3)
+    beam, base_key = BeamConfig(2, 3), jax.random.key(42)
+    seq_ids, temps = np.array([7, 0, 3]), np.array([0.8, 0.0, 1.5], np.float32)
+    got = jit_samples(
+        params,
+        config,
+        target,
+        llm_states,
+        llm_tokens,
+        base_key,
+        seq_ids,
+        temps,
+        beam,
+        6,
+        None,
+        True,
+    )
+    tokens, token_lp = np_sample(
+        config,
+        params,
+        target,
+        llm_states,
+        llm_tokens,
+        base_key,
+        seq_ids,
+        temps,
+        6,
+        beam.width,
+        beam.length,
+    )
+    np.testing.assert_array_equal(got.tokens, tokens)
+    np.testing.assert_allclose(got.token_log_probs, token_lp, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.scores, token_lp.sum(-1), rtol=1e-4, atol=1e-4)
+    assert got.log_probs.shape == (B, 2, 3, config.draft_vocab)
+    assert int(jnp.sum(got.log_probs[0, 0, 0] > -1e20)) == 6  # top-k 6 kept
+
+
+def test_greedy_sampling_is_width_one_beam_search():
+    config, params, target, llm_states, llm_tokens = setup("noproj", seed=4)
+    beam = BeamConfig(1, 4)
+    sampled = jit_samples(
+        params,
+        config,
+        target,
+        llm_states,
+        llm_tokens,
+        jax.random.key(0),
+        np.arange(B),
+        0.0,
+        beam,
+        None,
+        None,
+        False,
+    )
+    beams = jit_beams(params, config, target, llm_states, llm_tokens, beam, False)
+    np.testing.assert_array_equal(sampled.tokens, beams.tokens)
+    np.testing.assert_allclose(sampled.scores, beams.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_does_not_depend_on_batch_composition():
+    config, params, target, llm_states, llm_tokens = setup("proj", seed=6)
+    beam, key = BeamConfig(3, 3), jax.random.key(9)
+    full = jit_samples(
+        params,
+        config,
+        target,
+        llm_states,
+        llm_tokens,
+        key,
+        np.array([11, 12, 13]),
+        3.0,
+        beam,
+        None,
+        0.99,
+        False,
+    )
+    alone = jit_samples(
+        params,
+        config,
+        target,
+        llm_states[1:2],
+        llm_tokens[1:2],
+        key,
+        np.array([12]),
+        3.0,
+        beam,
+        None,
+        0.99,
+        False,
+    )
+    np.testing.assert_array_equal(full.tokens[1:2], alone.tokens)
+    assert len({tuple(r) for r in np.asarray(full.tokens[1])}) > 1, "beams should use distinct keys"
+
+
+@pytest.mark.parametrize("case", ["proj", "noproj"])
+def test_reference_golden_beams(case):
+    """Beams and log-probs produced by the PyTorch reference's own beam_search_candidates
+    (tests/data/make_reference_golden.py) on the weights saved beside them."""
+    config, params = load_reference(GOLDEN / case)
+    golden = load_file(str(GOLDEN / case / "golden.safetensors"))
+    width, length = golden["beams"].shape[1], golden["beams"].shape[2] - 1
+    target = TargetEmbeddings(jnp.asarray(golden["embed"]))
+    got = jit_beams(
+        params,
+        config,
+        target,
+        golden["prompt_state"],
+        golden["init_token"].astype(np.int32),
+        BeamConfig(width, length),
+        True,
+    )
+    np.testing.assert_array_equal(got.tokens, golden["beams"])
+    np.testing.assert_allclose(got.log_probs, golden["log_probs"], rtol=1e-6, atol=1e-4)
+    chosen = np.take_along_axis(golden["log_probs"], golden["beams"][..., 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(got.scores, chosen.sum(-1), rtol=1e-5, atol=1e-4)
