@@ -225,3 +225,12 @@ def test_hf_corrupt_header_missing_config_and_missing_field(tiny):
     bare = {k: v for k, v in cfg.items() if k != "num_hidden_layers"}
     folder = write_hf(tmp / "hf2", bare, tensors)
     _expect([str(folder / "config.json"), "'num_hidden_layers'"], load_hf, folder)
+
+
+def test_hf_bfloat16_safetensors_load_as_their_values(tiny):
+    cfg, tensors, tmp = tiny
+    halves = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
+    _, params = load_hf(write_hf(tmp / "bf16", cfg, halves))
+    want = halves["model.layers.1.mlp.up_proj.weight"].astype(np.float32).T
+    np.testing.assert_array_equal(params["layers"]["w_up"][1], want)
+    assert params["layers"]["w_up"].dtype == jnp.float32
