@@ -1,11 +1,12 @@
-"""A trained drafter on disk: orbax arrays plus a JSON description beside them.
+"""A trained drafter on disk: a `pipeline.checkpoint` folder plus a JSON description beside it.
 
 Layout of a drafter folder (what `specdraft train` exports and what ships in
 `pipeline/assets/drafter-smollm2/`):
 
-    drafter.json   {"format": 1, "drafter_config": {...}, "llm": {"vocab_size", "hidden_size",
-                    "model"}, "train": {...}, "eval": {...}}
-    arrays/        orbax checkpoint of {"params": drafter params, "vocab_map": [K] (iff reduced)}
+    config.json    the DrafterConfig (pipeline.checkpoint's format)
+    params/        orbax tree {"params": drafter params, "vocab_map": [K] int32 (iff reduced)}
+    drafter.json   {"format": 1, "llm": {"vocab_size", "hidden_size", "model"}, "train": {...},
+                    "eval": {...}}: what it was made for and how it was made and measured
 
 The reduced vocabulary map is drafter data (chosen from the training answers), so it lives in the
 checkpoint, but it is not a trained parameter: the engine passes it in `TargetEmbeddings`.
@@ -14,21 +15,19 @@ A drafter trained for another LLM (vocabulary or hidden size differ) is refused 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from drafter.config import DrafterConfig
 from drafter.model import TargetEmbeddings
+from pipeline.checkpoint import CheckpointError, load_config, restore_checkpoint, save_checkpoint
 
 FORMAT = 1
-CONFIG_FILE = "drafter.json"
-ARRAYS_DIR = "arrays"
+INFO_FILE = "drafter.json"
 DEFAULT_DRAFTER = Path(__file__).parent / "assets" / "drafter-smollm2"
 
 
@@ -55,47 +54,26 @@ def check_fits(config: DrafterConfig, llm_vocab: int, llm_hidden: int, where: st
         )
 
 
-def config_to_dict(config: DrafterConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(d: dict, where: str) -> DrafterConfig:
-    names = {f.name for f in dataclasses.fields(DrafterConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise DrafterCheckpointError(f"{where}: unknown drafter_config fields {sorted(unknown)}")
-    try:
-        return DrafterConfig(**d)
-    except (TypeError, ValueError) as err:
-        raise DrafterCheckpointError(f"{where}: bad drafter_config: {err}") from err
-
-
 def save_drafter(path, config: DrafterConfig, params, vocab_map=None, info=None) -> Path:
-    """Write a drafter folder (overwriting one that is there). Returns the folder."""
-    path = Path(path).absolute()
+    """Write a drafter folder (replacing one that is there). Returns the folder."""
     arrays = {"params": jax.device_get(params)}
     if vocab_map is not None:
         arrays["vocab_map"] = np.asarray(vocab_map, np.int32)
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / ARRAYS_DIR, arrays, force=True)
-    doc = {"format": FORMAT, "drafter_config": config_to_dict(config), **(info or {})}
-    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    path = save_checkpoint(path, arrays, config, overwrite=True)
+    doc = {"format": FORMAT, **(info or {})}
+    (path / INFO_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def read_info(path) -> tuple[DrafterConfig, dict]:
-    """The drafter.json of a drafter folder: (config, whole dict)."""
-    where = Path(path) / CONFIG_FILE
+def read_info(path) -> dict:
+    """The drafter.json of a drafter folder ({} if the folder has none)."""
+    where = Path(path) / INFO_FILE
     if not where.is_file():
-        raise DrafterCheckpointError(f"{where}: no drafter here (missing {CONFIG_FILE})")
+        return {}
     try:
-        doc = json.loads(where.read_text())
+        return json.loads(where.read_text())
     except json.JSONDecodeError as err:
         raise DrafterCheckpointError(f"{where}: not JSON: {err}") from err
-    if doc.get("format") != FORMAT or "drafter_config" not in doc:
-        raise DrafterCheckpointError(f"{where}: expected format {FORMAT} with drafter_config")
-    return config_from_dict(doc["drafter_config"], str(where)), doc
 
 
 def load_drafter(path=None, llm_config=None, sharding=None) -> LoadedDrafter:
@@ -105,23 +83,21 @@ def load_drafter(path=None, llm_config=None, sharding=None) -> LoadedDrafter:
     check. sharding: a jax Sharding to place every array on (e.g. replicated over a mesh).
     """
     path = Path(DEFAULT_DRAFTER if path is None else path).absolute()
-    config, info = read_info(path)
-    if llm_config is not None:
-        check_fits(config, llm_config.vocab_size, llm_config.hidden_size, str(path))
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path / ARRAYS_DIR).item_metadata
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
-        )
-        arrays = ckptr.restore(path / ARRAYS_DIR, abstract)
+    try:
+        config = load_config(path, DrafterConfig)
+        if llm_config is not None:
+            check_fits(config, llm_config.vocab_size, llm_config.hidden_size, str(path))
+        _, arrays = restore_checkpoint(path, DrafterConfig, sharding=sharding)
+    except CheckpointError as err:
+        raise DrafterCheckpointError(str(err)) from None
     vocab_map = arrays.get("vocab_map")
-    if config.draft_vocab_size is not None and (
-        vocab_map is None or vocab_map.shape != (config.draft_vocab_size,)
-    ):
+    k = config.draft_vocab_size
+    if (vocab_map is None) != (k is None) or (k is not None and vocab_map.shape != (k,)):
+        got = None if vocab_map is None else vocab_map.shape
         raise DrafterCheckpointError(
-            f"{path}: draft_vocab_size={config.draft_vocab_size} needs a vocab_map of that length"
+            f"{path}: draft_vocab_size={k} but the stored vocab_map has shape {got}"
         )
-    return LoadedDrafter(config, arrays["params"], vocab_map, info)
+    return LoadedDrafter(config, arrays["params"], vocab_map, read_info(path))
 
 
 def target_embeddings(llm_params: dict, config: DrafterConfig, vocab_map=None) -> TargetEmbeddings:

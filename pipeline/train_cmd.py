@@ -1,0 +1,136 @@
+"""`specdraft train`: train a drafter for a target LLM by self-distillation, resumably.
+
+    specdraft train --out runs/drafter-smollm2 --export pipeline/assets/drafter-smollm2
+
+1. The LLM answers the shipped prompts (pipeline/data); answers and hidden states are cached as
+   `.npz` chunks under OUT/data (see pipeline.distill).
+2. The drafter trains on windows of that data with a jitted step, the batch split over the local
+   devices. An orbax CheckpointManager under OUT/checkpoints saves the train state every
+   `--save-every` steps (keeping `--keep`), with the run's settings as JSON beside the arrays.
+   Killing the command and running it again continues from the last saved step; batches and
+   keys are functions of the step number, so the result equals an uninterrupted run's.
+3. Greedy acceptance on the held-out prompts (pipeline.distill_eval) is measured, and the drafter
+   exported as a drafter folder (pipeline.drafter_io) with the figures in its drafter.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.train_run import RunSpec, fit
+
+DEFAULT_OUT = "runs/drafter-smollm2"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--model", default=None, help="target .gguf or HF folder (default: the fetched SmolLM2)")
+    a("--out", default=DEFAULT_OUT, help="run folder: data cache, checkpoints, eval.json")
+    a("--export", default=None, help="drafter folder to write at the end (default OUT/drafter)")
+    a("--steps", type=int, default=1500, help="optimizer steps")
+    a("--batch", type=int, default=256, help="windows per step (a multiple of the device count)")
+    a("--lr", type=float, default=2e-3, help="peak learning rate (warmup + cosine)")
+    a("--warmup", type=int, default=100, help="warmup steps")
+    a("--weight-decay", type=float, default=0.0)
+    a("--kl-weight", type=float, default=0.0, help="weight of KL(LLM || drafter) beside the CE")
+    a("--width", type=int, default=RunSpec.width, help="beam width W for evaluation")
+    a("--length", type=int, default=RunSpec.length, help="draft length L (train and eval)")
+    a("--layers", type=int, default=RunSpec.num_draft_layers, help="drafter ResBlocks")
+    a("--exit-dim", type=int, default=None, help="ResBlock width (default: D when tied, else 2D)")
+    a("--tie-head", action=argparse.BooleanOptionalAction, default=True,
+      help="use the LLM's output table as the drafter's LM head (a few MB drafter)")  # fmt: skip
+    a("--draft-vocab", type=int, default=RunSpec.draft_vocab_size,
+      help="K: draft over the K most frequent answer tokens; 0 = the full vocabulary")  # fmt: skip
+    a("--train-prompts", type=int, default=None, help="use only the first N training prompts")
+    a("--heldout-prompts", type=int, default=None, help="use only the first N held-out prompts")
+    a("--max-new-tokens", type=int, default=128, help="answer length cap when generating data")
+    a("--temperature", type=float, default=0.0, help="LLM temperature for the answers")
+    a("--seed", type=int, default=0, help="drafter init and data order")
+    a("--save-every", type=int, default=100, help="checkpoint period in steps")
+    a("--keep", type=int, default=3, help="checkpoints to keep")
+    a("--devices", type=int, default=None, help="local devices to use (default: all)")
+
+
+def _spec(args, llm_config) -> RunSpec:
+    d = llm_config.hidden_size
+    exit_dim = args.exit_dim or (d if args.tie_head else 2 * d)
+    return RunSpec(
+        steps=args.steps,
+        batch=args.batch,
+        learning_rate=args.lr,
+        warmup=min(args.warmup, args.steps),
+        weight_decay=args.weight_decay,
+        kl_weight=args.kl_weight,
+        width=args.width,
+        length=args.length,
+        num_draft_layers=args.layers,
+        exit_dim=exit_dim,
+        tie_lm_head=args.tie_head,
+        draft_vocab_size=args.draft_vocab or None,
+        seed=args.seed,
+        save_every=args.save_every,
+        keep=args.keep,
+    )
+
+
+def _load_llm(model):
+    from pipeline.models import require_model
+    from pipeline.tokenizer import Tokenizer
+    from pipeline.weights import load_model
+
+    path = require_model(model)
+    config, params = load_model(path)
+    tokenizer = Tokenizer.from_gguf(path) if path.is_file() else None
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_tokenizer_json(path / "tokenizer.json")
+    return path, config, params, tokenizer
+
+
+def _fail(err: Exception) -> int:
+    # An error the user can fix: no traceback (pipeline does not import the cluster CLI).
+    print(f"specdraft train: error: {err}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    from pipeline import distill
+    from pipeline.drafter_io import DrafterCheckpointError
+
+    t0 = time.time()
+    try:
+        path, config, params, tokenizer = _load_llm(args.model)
+    except FileNotFoundError as err:
+        return _fail(err)
+    out = Path(args.out)
+    settings = distill.GenerationSettings(args.max_new_tokens, args.temperature)
+    bars = lambda total, desc: tqdm(total=total, desc=f"answering {desc} prompts").update
+    train, heldout = distill.prepare_data(
+        (params, config, tokenizer), path, out / "data", settings,
+        (args.train_prompts, args.heldout_prompts), bars,
+    )  # fmt: skip
+    print(f"data: {len(train.answer)} train tokens, {len(heldout.answer)} held-out tokens "
+          f"({time.time() - t0:.0f} s so far)")  # fmt: skip
+    spec = _spec(args, config)
+    try:
+        result = fit(spec, (params, config, path.name), train, heldout, out, devices=args.devices)
+    except (DrafterCheckpointError, ValueError) as err:
+        return _fail(err)
+    export = Path(args.export) if args.export else out / "drafter"
+    info = {**result.info, "wall_seconds_total": round(time.time() - t0, 1)}
+    from pipeline.drafter_io import save_drafter
+
+    save_drafter(export, result.config, result.params, result.vocab_map, info)
+    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+    ev = info["eval"]
+    print(f"held-out greedy acceptance (W={spec.width}, L={spec.length}): "
+          f"{ev['mean_tokens_per_call']:.3f} tokens per LLM call; per depth "
+          f"{np.round(ev['per_depth_acceptance'], 3).tolist()}")  # fmt: skip
+    print(f"drafter written to {export} ({time.time() - t0:.0f} s total)")
+    return 0
