@@ -34,10 +34,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--model", default=None, help="target .gguf or HF folder (default: the fetched SmolLM2)")
     a("--out", default=DEFAULT_OUT, help="run folder: data cache, checkpoints, eval.json")
     a("--export", default=None, help="drafter folder to write at the end (default OUT/drafter)")
-    a("--steps", type=int, default=1500, help="optimizer steps")
-    a("--batch", type=int, default=256, help="windows per step (a multiple of the device count)")
-    a("--lr", type=float, default=2e-3, help="peak learning rate (warmup + cosine)")
-    a("--warmup", type=int, default=100, help="warmup steps")
+    a("--steps", type=int, default=RunSpec.steps, help="optimizer steps")
+    a(
+        "--batch",
+        type=int,
+        default=RunSpec.batch,
+        help="windows per step (a multiple of the device count)",
+    )
+    a(
+        "--lr",
+        type=float,
+        default=RunSpec.learning_rate,
+        help="peak learning rate (warmup + cosine)",
+    )
+    a("--warmup", type=int, default=RunSpec.warmup, help="warmup steps")
     a("--weight-decay", type=float, default=0.0)
     a("--kl-weight", type=float, default=0.0, help="weight of KL(LLM || drafter) beside the CE")
     a("--width", type=int, default=RunSpec.width, help="beam width W for evaluation")

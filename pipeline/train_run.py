@@ -38,10 +38,10 @@ from sharding.mesh import batch_sharding, make_mesh, replicate, replicated
 class RunSpec:
     """Everything that determines a training run's result (besides the data)."""
 
-    steps: int = 1500
-    batch: int = 256
+    steps: int = 800
+    batch: int = 128
     learning_rate: float = 2e-3
-    warmup: int = 100
+    warmup: int = 50
     weight_decay: float = 0.0
     kl_weight: float = 0.0
     width: int = 8
@@ -49,7 +49,7 @@ class RunSpec:
     num_draft_layers: int = 1
     exit_dim: int | None = None
     tie_lm_head: bool = True
-    draft_vocab_size: int | None = 8192
+    draft_vocab_size: int | None = 4096
     seed: int = 0
     save_every: int = 100
     keep: int = 3
