@@ -16,8 +16,8 @@ from drafter.model import (
     TargetEmbeddings,
     check_target,
     context,
+    dense,
     features,
-    head_logits,
     head_weights,
     logits_to_log_probs,
     rnn_step,
@@ -54,7 +54,7 @@ def _step_fn(params, config: DrafterConfig, target: TargetEmbeddings, llm_state)
     def step(rnn_state, token):
         rnn_state = rnn_step(params, target.embed[token], rnn_state)
         x = features(params, config, llm_state, ctx, rnn_state)
-        return rnn_state, logits_to_log_probs(config, head_logits(config, head, x))
+        return rnn_state, logits_to_log_probs(config, dense(x, head))
 
     return step
 

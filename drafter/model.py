@@ -3,12 +3,16 @@
     s' = SiLU(E(token) W + s U + b)                      (RNN over the target's token embeddings)
     logits = LMHead(ResBlocks(InputProj(concat(llm_state, s'))))
 
-Params (plain dict; weights are `x @ w`, i.e. the transpose of torch's `Linear.weight`):
+Params (plain dict; weights are [out, in] like torch's `Linear.weight`, applied as x @ w.T):
 
-    {"rnn": {"w": [D, H], "u": [H, H], "b": [H]},
-     "input_proj": {"w_llm": [D, E], "w_rnn": [H, E], "b": [E]},   # iff 2D != E
+    {"rnn": {"w": [H, D], "u": [H, H], "b": [H]},
+     "input_proj": {"w_llm": [E, D], "w_rnn": [E, H], "b": [E]},   # iff 2D != E
      "res_blocks": [{"w": [E, E], "b": [E]}, ...],                 # num_draft_layers
-     "lm_head": [E, V_draft]}                                      # iff not tie_lm_head
+     "lm_head": [V_draft, E]}                                      # iff not tie_lm_head
+
+[out, in] is also the target's lm_head layout, so own and tied heads share one code path, and
+XLA:CPU runs the few-row matmuls of drafting 1.2-1.8x faster with the contraction over the
+weight's minor axis than with `x @ w` on [in, out] (measured at 8 and 45 rows).
 
 The layer that reads concat(llm_state, s') (the input projection, or else the first ResBlock,
 whose dict then holds "w_llm"/"w_rnn" instead of "w") keeps its weight split into the llm_state
@@ -47,8 +51,8 @@ def _linear_init(key, fan_in: int, shape, dtype):
 def _split_layer_init(key, d: int, out: int, dtype) -> dict:
     k_llm, k_rnn, k_b = jax.random.split(key, 3)
     return {
-        "w_llm": _linear_init(k_llm, 2 * d, (d, out), dtype),
-        "w_rnn": _linear_init(k_rnn, 2 * d, (d, out), dtype),
+        "w_llm": _linear_init(k_llm, 2 * d, (out, d), dtype),
+        "w_rnn": _linear_init(k_rnn, 2 * d, (out, d), dtype),
         "b": _linear_init(k_b, 2 * d, (out,), dtype),
     }
 
@@ -78,7 +82,7 @@ def init_params(config: DrafterConfig, key, dtype=jnp.float32) -> dict:
             )
     params["res_blocks"] = blocks
     if not config.tie_lm_head:
-        params["lm_head"] = _linear_init(k_head, e, (e, config.draft_vocab), dtype)
+        params["lm_head"] = _linear_init(k_head, e, (config.draft_vocab, e), dtype)
     return params
 
 
@@ -105,10 +109,15 @@ def to_target_ids(target: TargetEmbeddings, draft_ids):
     return ids.astype(jnp.int32)
 
 
+def dense(x, w):
+    """[..., in], [out, in] -> [..., out]: x @ w.T without materialising the transpose."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 def rnn_step(params: dict, embedding, rnn_state):
     """[D], [H] -> [H]: s' = SiLU(E(token) W + s U + b)."""
     rnn = params["rnn"]
-    return jax.nn.silu(embedding @ rnn["w"] + rnn_state @ rnn["u"] + rnn["b"])
+    return jax.nn.silu(dense(embedding, rnn["w"]) + dense(rnn_state, rnn["u"]) + rnn["b"])
 
 
 def context(params: dict, config: DrafterConfig, llm_state):
@@ -122,26 +131,26 @@ def context(params: dict, config: DrafterConfig, llm_state):
         layer = params["res_blocks"][0]
     else:
         return llm_state
-    return llm_state @ layer["w_llm"] + layer["b"]
+    return dense(llm_state, layer["w_llm"]) + layer["b"]
 
 
 def features(params: dict, config: DrafterConfig, llm_state, ctx, rnn_state):
     """[D], [E] (from `context`), [H] -> [E]: ResBlocks(InputProj(concat(llm_state, s')))."""
     blocks = params["res_blocks"]
     if config.has_input_proj:
-        x = ctx + rnn_state @ params["input_proj"]["w_rnn"]
+        x = ctx + dense(rnn_state, params["input_proj"]["w_rnn"])
     else:
         x = jnp.concatenate([llm_state, rnn_state], axis=-1)
         if blocks:
-            x = x + jax.nn.silu(ctx + rnn_state @ blocks[0]["w_rnn"])
+            x = x + jax.nn.silu(ctx + dense(rnn_state, blocks[0]["w_rnn"]))
             blocks = blocks[1:]
     for block in blocks:
-        x = x + jax.nn.silu(x @ block["w"] + block["b"])
+        x = x + jax.nn.silu(dense(x, block["w"]) + block["b"])
     return x
 
 
 def head_weights(params: dict, config: DrafterConfig, target: TargetEmbeddings):
-    """The LM head: [E, V_draft] own weights, or the target's [V_draft, D] rows if tied.
+    """The LM head, [V_draft, E]: own weights, or the target's lm_head rows if tied.
 
     With a tied head and a reduced vocabulary this gathers K rows: call it once per drafting call,
     not once per step.
@@ -154,11 +163,9 @@ def head_weights(params: dict, config: DrafterConfig, target: TargetEmbeddings):
 
 
 def head_logits(config: DrafterConfig, head, x):
-    """[..., E] -> [..., V_draft] raw logits."""
-    if config.tie_lm_head:
-        # Contract over the rows' D axis directly; no transposed copy of the table.
-        return jax.lax.dot_general(x, head, (((x.ndim - 1,), (1,)), ((), ())))
-    return x @ head
+    """[..., E], head from `head_weights` -> [..., V_draft] raw logits (same for tied and own)."""
+    del config  # both heads are [V_draft, E] rows
+    return dense(x, head)
 
 
 def logits_to_log_probs(config: DrafterConfig, logits):
@@ -175,7 +182,7 @@ def logits_to_log_probs(config: DrafterConfig, logits):
 def draft_logits(params: dict, config: DrafterConfig, target: TargetEmbeddings, llm_state, s):
     """[D], [H] (the updated state s') -> [V_draft] raw logits. For training and tests."""
     x = features(params, config, llm_state, context(params, config, llm_state), s)
-    return head_logits(config, head_weights(params, config, target), x)
+    return dense(x, head_weights(params, config, target))
 
 
 def rnn_drafter(

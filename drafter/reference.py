@@ -8,8 +8,8 @@ A reference checkpoint is a folder with `config.json` (`vocab_size`, `hidden_siz
     lm_head.{n}.weight [V, E]                                  (n = num_draft_layers)
     rnn_u.weight [D, D], rnn_u.bias [D], rnn_w.weight [D, D]
 
-The reference's input is concat(llm_state, rnn_state), so the first D input columns of the layer
-that reads it are our `w_llm` rows and the last D our `w_rnn` rows.
+Our params keep torch's [out, in] layout. The reference's input is concat(llm_state, rnn_state), so
+the first D input columns of the layer that reads it are our `w_llm` and the last D our `w_rnn`.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ class _Tensors:
             raise ValueError(f"{self.path}: unexpected tensor(s) {', '.join(extra)}")
 
 
-def _split(weight_t: np.ndarray, d: int) -> dict:
-    """[2D, E] (transposed torch weight over concat(llm_state, s)) -> w_llm [D, E], w_rnn [D, E]."""
-    return {"w_llm": weight_t[:d], "w_rnn": weight_t[d:]}
+def _split(weight: np.ndarray, d: int) -> dict:
+    """[E, 2D] (torch weight over concat(llm_state, s)) -> w_llm [E, D], w_rnn [E, D]."""
+    return {"w_llm": weight[:, :d], "w_rnn": weight[:, d:]}
 
 
 def load_reference(folder, reference_logits: bool = True, vocab_map=None, dtype=jnp.float32):
@@ -96,25 +96,25 @@ def load_reference(folder, reference_logits: bool = True, vocab_map=None, dtype=
     d, e, v, n = config.hidden_size, config.exit_dim, config.vocab_size, config.num_draft_layers
     params: dict = {
         "rnn": {
-            "w": t.take("rnn_w.weight", (d, d)).T,
-            "u": t.take("rnn_u.weight", (d, d)).T,
+            "w": t.take("rnn_w.weight", (d, d)),
+            "u": t.take("rnn_u.weight", (d, d)),
             "b": t.take("rnn_u.bias", (d,)),
         }
     }
     if config.has_input_proj:
-        params["input_proj"] = _split(t.take("input_proj.weight", (e, 2 * d)).T, d)
+        params["input_proj"] = _split(t.take("input_proj.weight", (e, 2 * d)), d)
         params["input_proj"]["b"] = t.take("input_proj.bias", (e,))
     blocks = []
     for i in range(n):
-        w_t = t.take(f"lm_head.{i}.linear.weight", (e, e)).T
-        block = _split(w_t, d) if i == 0 and not config.has_input_proj else {"w": w_t}
+        w = t.take(f"lm_head.{i}.linear.weight", (e, e))
+        block = _split(w, d) if i == 0 and not config.has_input_proj else {"w": w}
         block["b"] = t.take(f"lm_head.{i}.linear.bias", (e,))
         blocks.append(block)
     params["res_blocks"] = blocks
     head = t.take(f"lm_head.{n}.weight", (v, e))
     if vocab_map is not None:
         head = head[np.asarray(vocab_map)]
-    params["lm_head"] = head.T
+    params["lm_head"] = head
     t.check_all_used()
     params = _to_jax(params, dtype)
     return config, params
@@ -135,20 +135,20 @@ def save_reference(folder, config: DrafterConfig, params: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
-    merge = lambda layer: f32(np.concatenate([layer["w_llm"], layer["w_rnn"]]).T)
+    merge = lambda layer: f32(np.concatenate([layer["w_llm"], layer["w_rnn"]], axis=1))
     out = {
-        "rnn_w.weight": f32(params["rnn"]["w"].T),
-        "rnn_u.weight": f32(params["rnn"]["u"].T),
+        "rnn_w.weight": f32(params["rnn"]["w"]),
+        "rnn_u.weight": f32(params["rnn"]["u"]),
         "rnn_u.bias": f32(params["rnn"]["b"]),
     }
     if config.has_input_proj:
         out["input_proj.weight"] = merge(params["input_proj"])
         out["input_proj.bias"] = f32(params["input_proj"]["b"])
     for i, block in enumerate(params["res_blocks"]):
-        w = merge(block) if i == 0 and not config.has_input_proj else f32(block["w"].T)
+        w = merge(block) if i == 0 and not config.has_input_proj else f32(block["w"])
         out[f"lm_head.{i}.linear.weight"] = w
         out[f"lm_head.{i}.linear.bias"] = f32(block["b"])
-    out[f"lm_head.{config.num_draft_layers}.weight"] = f32(params["lm_head"].T)
+    out[f"lm_head.{config.num_draft_layers}.weight"] = f32(params["lm_head"])
     save_file(out, str(folder / WEIGHTS_FILE))
     fields = {key: getattr(config, key) for key in _CONFIG_KEYS}
     meta = {"model_type": "recurrent_drafting_drafter", "rnn": True, **fields}

@@ -34,22 +34,22 @@ def np_log_softmax(x):
 
 
 def torch_layout(params, config):
-    """Our params -> the reference's torch Linear matrices ([out, in]) as numpy, unsplit."""
+    """Our params -> the reference's torch Linear matrices ([out, in]) as float64 numpy, unsplit."""
     a = lambda x: np.asarray(x, np.float64)
-    whole = lambda layer: np.concatenate([a(layer["w_llm"]), a(layer["w_rnn"])]).T
+    whole = lambda layer: np.concatenate([a(layer["w_llm"]), a(layer["w_rnn"])], axis=1)
     out = {
-        "rnn_w": a(params["rnn"]["w"]).T,
-        "rnn_u": a(params["rnn"]["u"]).T,
+        "rnn_w": a(params["rnn"]["w"]),
+        "rnn_u": a(params["rnn"]["u"]),
         "rnn_b": a(params["rnn"]["b"]),
         "blocks": [],
     }
     if config.has_input_proj:
         out["proj"] = (whole(params["input_proj"]), a(params["input_proj"]["b"]))
     for i, block in enumerate(params["res_blocks"]):
-        w = whole(block) if i == 0 and not config.has_input_proj else a(block["w"]).T
+        w = whole(block) if i == 0 and not config.has_input_proj else a(block["w"])
         out["blocks"].append((w, a(block["b"])))
     if not config.tie_lm_head:
-        out["head"] = a(params["lm_head"]).T  # [V_draft, E]
+        out["head"] = a(params["lm_head"])  # [V_draft, E]
     return out
 
 
@@ -154,7 +154,7 @@ def test_tied_head_has_no_own_head_and_reads_the_targets():
 def test_reduced_vocab_head_size():
     config = CONFIGS["reduced"]
     params = init_params(config, jax.random.key(8))
-    assert params["lm_head"].shape == (24, 20)
+    assert params["lm_head"].shape == (20, 24)
 
 
 @pytest.mark.parametrize(
@@ -242,10 +242,10 @@ def test_import_reference_weights(tmp_path, e, n):
     tensors = write_reference(tmp_path, D, e, n, V)
     config, params = load_reference(tmp_path, reference_logits=False)
     assert config == DrafterConfig(D, V, e, n)
-    np.testing.assert_array_equal(params["rnn"]["w"], tensors["rnn_w.weight"].T)
-    np.testing.assert_array_equal(params["lm_head"], tensors[f"lm_head.{n}.weight"].T)
+    np.testing.assert_array_equal(params["rnn"]["w"], tensors["rnn_w.weight"])
+    np.testing.assert_array_equal(params["lm_head"], tensors[f"lm_head.{n}.weight"])
     first = params["input_proj"] if config.has_input_proj else params["res_blocks"][0]
-    assert first["w_llm"].shape == first["w_rnn"].shape == (D, e)
+    assert first["w_llm"].shape == first["w_rnn"].shape == (e, D)
     rng = np.random.default_rng(1)
     embed = rng.normal(size=(V, D)).astype(np.float32)
     llm_state, rnn_state = rng.normal(size=D), rng.normal(size=D)
@@ -267,7 +267,7 @@ def test_import_reduced_vocab_keeps_mapped_rows(tmp_path):
     vocab_map = np.array([5, 0, 17, 90])
     config, params = load_reference(tmp_path, vocab_map=vocab_map)
     assert config.draft_vocab_size == 4 and config.reference_logits
-    np.testing.assert_array_equal(params["lm_head"], tensors["lm_head.1.weight"][vocab_map].T)
+    np.testing.assert_array_equal(params["lm_head"], tensors["lm_head.1.weight"][vocab_map])
 
 
 @pytest.mark.parametrize("name", ["proj", "noproj", "noproj_noblocks"])
