@@ -1,0 +1,287 @@
+"""Speculative decoding on one host: draft, verify the packed tree in one target forward, accept.
+
+The whole decode is one `lax.while_loop` over a fixed-shape `SpecState` (no host round trip per
+step). Each step, for every row:
+1. the draft function proposes W candidates [W, L+1] from (llm_state, llm_token, context);
+2. `pipeline.tree` packs them into a prefix tree of `1 + W*L` nodes, and the target runs once over
+   the tree with a tree attention mask on top of the KV cache;
+3. the acceptance rule (`pipeline.accept`) picks the accepted prefix and the bonus token;
+4. only the accepted path's keys/values are committed; the next llm_state is the hidden state of
+   the last accepted token and the next llm_token is the bonus token.
+Rows accept different counts and stop at EOS or their own max-new-tokens; finished rows ride along
+but stop writing.
+
+Randomness: row `b` uses `fold_in(key, row_ids[b])`; its first token draws with `fold_in(., 0)`,
+step `s` with `fold_in(., s + 1)` split into a draft key and an acceptance key. A row's output
+depends only on its prompt, the key and its row id, not on the batch around it or the devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from drafter.config import BeamConfig, DrafterConfig
+from drafter.drafting import Drafts, beam_search, sample_seq
+from drafter.model import TargetEmbeddings
+from drafter.sampling import SamplingConfig, sample
+from pipeline import tree as tree_lib
+from pipeline.accept import AcceptanceRule, TreeMatch
+from pipeline.generate import PAD_ID, prefill
+from pipeline.llm import KVCache, LlamaConfig, commit, forward, init_cache
+
+
+class DraftInputs(NamedTuple):
+    """What a draft function sees for one prompt. The ReDrafter uses the first three; `context`
+    (prompt then generated tokens, right-padded; `context[num_context - 1]` is llm_token) lets
+    context-aware drafters (prompt lookup, test oracles) share the interface."""
+
+    llm_state: jax.Array  # [D]
+    llm_token: jax.Array  # [] int32
+    key: jax.Array  # [] key
+    context: jax.Array  # [C] int32
+    num_context: jax.Array  # [] int32
+
+
+# draft_fn(draft_params, DraftInputs) -> Drafts [W, ...] for one prompt; hashable (a jit static).
+DraftFn = Callable[[Any, DraftInputs], Drafts]
+
+
+@dataclass(frozen=True)
+class BeamDraft:
+    """ReDrafter beam search; draft_params = (drafter params, TargetEmbeddings)."""
+
+    config: DrafterConfig
+    beam: BeamConfig
+
+    def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
+        params, target = draft_params
+        return beam_search(params, self.config, target, inputs.llm_state, inputs.llm_token,
+                           self.beam)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SampledDraft:
+    """W independent ReDrafter samples (keys fold_in(key, w)); exact acceptance still holds."""
+
+    config: DrafterConfig
+    beam: BeamConfig
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0)
+
+    def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
+        params, target = draft_params
+        s = self.sampling
+        rnn0 = jnp.zeros((self.config.hidden_size,), inputs.llm_state.dtype)
+
+        def one(w):
+            key = jax.random.fold_in(inputs.key, w)
+            args = (inputs.llm_state, inputs.llm_token, rnn0, key, s.temperature)
+            return sample_seq(
+                params, self.config, target, *args, self.beam.length, s.top_k, s.top_p
+            )
+
+        return jax.vmap(one)(jnp.arange(self.beam.width))
+
+
+def target_embeddings(llm_params) -> TargetEmbeddings:
+    """The target's tables the drafter reads; a tied target's head is its embedding."""
+    return TargetEmbeddings(llm_params["embed"], llm_params.get("lm_head", llm_params["embed"]))
+
+
+class SpecState(NamedTuple):
+    """The while-loop carry (leading B on all but `step`)."""
+
+    cache: KVCache
+    context: jax.Array  # [B, C] prompt then generated tokens
+    num_prompt: jax.Array  # [B]
+    num_out: jax.Array  # [B] generated so far
+    max_new: jax.Array  # [B]
+    done: jax.Array  # [B] bool
+    llm_state: jax.Array  # [B, D] hidden state of the last committed token
+    llm_token: jax.Array  # [B] the target's latest token (not yet in the cache)
+    keys: jax.Array  # [B] per-row keys
+    calls: jax.Array  # [B] verify calls made while the row was active
+    accepted: jax.Array  # [B, L+1] how often 0..L drafted tokens were accepted
+    step: jax.Array  # []
+
+
+class SpecOut(NamedTuple):
+    """tokens [B, M] (first `lengths[b]` real, EOS included, rest PAD_ID), lengths [B], calls [B]
+    verify calls (prefill not counted), accepted [B, L+1] histogram of accepted draft lengths."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    calls: jax.Array
+    accepted: jax.Array
+
+
+def _emit(state: SpecState, emitted, num_emitted, eos_ids: tuple[int, ...]):
+    """Append `emitted[b, :num_emitted[b]]` ([B, E]) to active rows, cut at EOS / max_new."""
+    b, e = emitted.shape
+    j = jnp.arange(e)[None, :]
+    is_eos = jnp.isin(emitted, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else emitted < -1
+    is_eos = is_eos & (j < num_emitted[:, None])
+    upto_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1, num_emitted)
+    keep = jnp.where(state.done, 0, jnp.minimum(upto_eos, state.max_new - state.num_out))
+    cols = jnp.where(j < keep[:, None], (state.num_prompt + state.num_out)[:, None] + j, 10**9)
+    context = state.context.at[jnp.arange(b)[:, None], cols].set(emitted, mode="drop")
+    num_out = state.num_out + keep
+    hit_eos = (is_eos & (j < keep[:, None])).any(1)
+    done = state.done | hit_eos | (num_out >= state.max_new)
+    return state._replace(context=context, num_out=num_out, done=done)
+
+
+def _row_keys(state: SpecState):
+    """[B] keys of this step -> ([B] draft keys, [B] acceptance keys)."""
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.step + 1)
+    pair = jax.vmap(jax.random.split)(step_keys)
+    return pair[:, 0], pair[:, 1]
+
+
+def draft_step(draft_fn: DraftFn, draft_params, state: SpecState, keys) -> Drafts:
+    """Drafts [B, W, ...] for every row of `state`."""
+    inputs = DraftInputs(state.llm_state, state.llm_token, keys, state.context,
+                         state.num_prompt + state.num_out)  # fmt: skip
+    return jax.vmap(draft_fn, in_axes=(None, 0))(draft_params, inputs)
+
+
+def verify_step(llm_params, config: LlamaConfig, cache: KVCache, candidates):
+    """[B, W, L+1] -> (Tree [B, ...], ForwardOut over the B x (1 + W*L) tree nodes)."""
+    trees = tree_lib.pack_trees(candidates)
+    slots = cache.k.shape[2]
+    mask = jax.vmap(tree_lib.attention_mask, in_axes=(0, 0, None))(trees, cache.lengths, slots)
+    positions = jax.vmap(tree_lib.positions)(trees, cache.lengths)
+    return trees, forward(llm_params, config, trees.tokens, positions, cache, mask)
+
+
+def _accept_commit(state: SpecState, drafts: Drafts, trees, out, rule, keys, eos_ids):
+    """Accept per row, commit the accepted path, emit the accepted tokens and the bonus."""
+    acc = jax.vmap(rule)(keys, drafts.tokens, drafts.token_log_probs, trees, out.logits)
+    b, _, depth1 = drafts.tokens.shape
+    rows = jnp.arange(b)
+    active = ~state.done
+    take = trees.node_of[rows, acc.beam]  # [B, L+1] nodes of the accepted path
+    cache = commit(state.cache, out.new_k, out.new_v, take, jnp.where(active, acc.length + 1, 0))
+    drafted = drafts.tokens[rows, acc.beam, 1:]  # [B, L]
+    emitted = jnp.concatenate([drafted, jnp.zeros((b, 1), jnp.int32)], 1)
+    emitted = emitted.at[rows, acc.length].set(acc.bonus)
+    hit = jax.nn.one_hot(acc.length, depth1, dtype=jnp.int32) * active[:, None]
+    state = state._replace(
+        cache=cache,
+        llm_state=jnp.where(active[:, None], out.hidden[rows, acc.last_node], state.llm_state),
+        llm_token=jnp.where(active, acc.bonus, state.llm_token),
+        calls=state.calls + active.astype(jnp.int32),
+        accepted=state.accepted + hit,
+        step=state.step + 1,
+    )
+    return _emit(state, emitted, acc.length + 1, eos_ids)
+
+
+def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, draft_fn: DraftFn,
+           rule: AcceptanceRule, eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
+    """Run draft -> verify -> accept until every row is done."""
+
+    def step(state: SpecState) -> SpecState:
+        draft_keys, accept_keys = _row_keys(state)
+        drafts = draft_step(draft_fn, draft_params, state, draft_keys)
+        trees, out = verify_step(llm_params, config, state.cache, drafts.tokens)
+        return _accept_commit(state, drafts, trees, out, rule, accept_keys, eos_ids)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
+
+
+def start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, *, config: LlamaConfig,
+          sampling: SamplingConfig, num_tokens: int, length: int,
+          eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
+    """Prefill [B, T] right-padded prompts into a cache of T + M + L slots; pick the first token.
+
+    max_new [B] (<= num_tokens = M), row_ids [B], `length` = L (the draft length).
+    """
+    b, t = prompts.shape
+    slots = t + num_tokens + length
+    pre = prefill(llm_params, config, prompts, prompt_lengths, init_cache(config, b, slots))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
+    first_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
+    pick = jax.vmap(sample, in_axes=(0, 0, None, None, None))
+    first = pick(first_keys, pre.logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    context = jnp.zeros((b, slots + 1), jnp.int32).at[:, :t].set(prompts)
+    state = SpecState(
+        cache=pre.cache,
+        context=context,
+        num_prompt=prompt_lengths.astype(jnp.int32),
+        num_out=jnp.zeros((b,), jnp.int32),
+        max_new=max_new.astype(jnp.int32),
+        done=max_new <= 0,
+        llm_state=pre.hidden,
+        llm_token=first,
+        keys=keys,
+        calls=jnp.zeros((b,), jnp.int32),
+        accepted=jnp.zeros((b, length + 1), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+    )
+    return _emit(state, first[:, None], jnp.ones((b,), jnp.int32), eos_ids)
+
+
+def finish(state: SpecState, num_tokens: int) -> SpecOut:
+    """Cut each row's generated tokens out of its context: [B, M], PAD_ID past the length."""
+    cut = jax.vmap(lambda c, p: jax.lax.dynamic_slice(c, (p,), (num_tokens,)))
+    tokens = cut(state.context, state.num_prompt)
+    tokens = jnp.where(jnp.arange(num_tokens)[None, :] < state.num_out[:, None], tokens, PAD_ID)
+    return SpecOut(tokens, state.num_out, state.calls, state.accepted)
+
+
+def generate_core(llm_params, draft_params, prompts, prompt_lengths, max_new, key, row_ids,
+                  config: LlamaConfig, draft_fn: DraftFn, rule: AcceptanceRule,
+                  sampling: SamplingConfig, num_tokens: int, length: int,
+                  eos_ids: tuple[int, ...]) -> SpecOut:  # fmt: skip
+    """Prefill, decode and cut, as one pure function of arrays (arguments 7.. are static).
+
+    Positional so `sharding.shard_jit` can shard arguments 2, 3, 4 and 6 over the batch.
+    """
+    static = dict(config=config, sampling=sampling, length=length, eos_ids=eos_ids)
+    state = start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, num_tokens=num_tokens,
+                  **static)  # fmt: skip
+    state = decode(llm_params, draft_params, state, config=config, draft_fn=draft_fn, rule=rule,
+                   eos_ids=eos_ids)  # fmt: skip
+    return finish(state, num_tokens)
+
+
+GENERATE_STATIC = (7, 8, 9, 10, 11, 12, 13)
+GENERATE_BATCH = (2, 3, 4, 6)
+generate_jit = jax.jit(generate_core, static_argnums=GENERATE_STATIC)
+
+
+def draft_core(llm_params, draft_params, prompts, prompt_lengths, key, row_ids,
+               config: LlamaConfig, draft_fn: DraftFn, sampling: SamplingConfig,
+               length: int) -> Drafts:  # fmt: skip
+    """Prefill, pick the first token and draft once: Drafts [B, W, ...] (no verification).
+
+    Arguments 6.. are static; 2, 3 and 5 are the batch arguments.
+    """
+    b = prompts.shape[0]
+    max_new = jnp.full((b,), 2, jnp.int32)
+    state = start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, config=config,
+                  sampling=sampling, num_tokens=2, length=length, eos_ids=())  # fmt: skip
+    draft_keys, _ = _row_keys(state)
+    return draft_step(draft_fn, draft_params, state, draft_keys)
+
+
+DRAFT_STATIC = (6, 7, 8, 9)
+DRAFT_BATCH = (2, 3, 5)
+
+
+def draft_length(draft_fn: DraftFn) -> int:
+    """L of a draft function (its `beam.length`, as BeamDraft and SampledDraft carry)."""
+    beam = getattr(draft_fn, "beam", None)
+    if beam is None:
+        raise ValueError(f"{draft_fn!r} has no `beam` (BeamConfig) to read the draft length from")
+    return beam.length
+
+
+def default_rule(sampling: SamplingConfig) -> AcceptanceRule:
+    """The exact rule for `sampling` (greedy at temperature 0)."""
+    return TreeMatch(sampling)

@@ -1,0 +1,213 @@
+"""pipeline.speculative: greedy equality with autoregressive decoding, exact sampling, sharding."""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from chi_square import goodness_of_fit
+
+from drafter.config import BeamConfig, DrafterConfig
+from drafter.drafting import Drafts
+from drafter.model import init_params as init_drafter
+from drafter.sampling import SamplingConfig, warp_log_probs
+from pipeline import accept
+from pipeline import speculative as spec
+from pipeline.generate import generate
+from pipeline.llm import LlamaConfig, causal_mask, forward, init_cache
+from pipeline.llm import init_params as init_llm
+from sharding import make_mesh, replicate, shard_jit
+
+# Untied: a random tied model mostly repeats its last token; EOS 13 ends one row of the batch early.
+CONFIG = LlamaConfig(16, 32, 64, 2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     tie_word_embeddings=False, eos_token_ids=(13,))  # fmt: skip
+BEAM = BeamConfig(width=3, length=3)
+DRAFTER = DrafterConfig(hidden_size=32, vocab_size=16, exit_dim=32)
+GREEDY = SamplingConfig()
+
+
+def run_spec(llm, draft_params, draft_fn, prompts, lengths, max_new, sampling=GREEDY, rule=None,
+             config=CONFIG, key=0, row_ids=None):  # fmt: skip
+    """max_new: an int or [B] per-row limits."""
+    b = prompts.shape[0]
+    row_ids = jnp.arange(b) if row_ids is None else row_ids
+    max_new = np.broadcast_to(np.asarray(max_new, np.int32), (b,))
+    return spec.generate_jit(
+        llm, draft_params, jnp.asarray(prompts), jnp.asarray(lengths), jnp.asarray(max_new),
+        jax.random.key(key), row_ids, config, draft_fn, rule or spec.default_rule(sampling),
+        sampling, int(max_new.max()), spec.draft_length(draft_fn), config.eos_token_ids,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OracleDraft:
+    """Drafts the target's own greedy chain (recomputed from the context), then spoils it at a
+    depth that varies with the context length, so accepted lengths cover 0..L; the other beams
+    branch off the chain. draft_params = the target's params."""
+
+    config: LlamaConfig
+    beam: BeamConfig
+
+    def chain(self, llm, context, n):
+        c = context.shape[0]
+        mask = causal_mask(jnp.asarray([0]), 0, c)
+        toks = []
+        for _ in range(self.beam.length):
+            out = forward(llm, self.config, context[None], jnp.arange(c)[None], init_cache(
+                self.config, 1, 0), mask)  # fmt: skip
+            nxt = jnp.argmax(out.logits[0, n - 1]).astype(jnp.int32)
+            context, n = context.at[n].set(nxt), n + 1
+            toks.append(nxt)
+        return jnp.stack(toks)
+
+    def __call__(self, llm, inputs: spec.DraftInputs) -> Drafts:
+        w, length, v = self.beam.width, self.beam.length, self.config.vocab_size
+        chain = self.chain(llm, inputs.context, inputs.num_context)
+        spoil_at = inputs.num_context % (length + 1)  # == length: nothing spoiled
+        d = jnp.arange(length)
+        chain = jnp.where(d == spoil_at, (chain + 1) % v, chain)
+        branches = [jnp.where(d >= (i % length), (chain + i) % v, chain) for i in range(1, w)]
+        drafted = jnp.stack([chain, *branches])
+        tokens = jnp.concatenate([jnp.full((w, 1), inputs.llm_token), drafted], 1)
+        return Drafts(tokens, jnp.zeros((w,)), jnp.full((w, length), -1.0))
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return init_llm(CONFIG, jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 2, 7, 1])
+    toks = rng.integers(4, CONFIG.vocab_size, size=(4, 7)).astype(np.int32)
+    return np.where(np.arange(7)[None] < lengths[:, None], toks, 0), lengths
+
+
+def autoregressive(llm, prompts, lengths, max_new):
+    return generate(llm, CONFIG, prompts, lengths, GREEDY, jax.random.key(0), max_new)
+
+
+def assert_same_tokens(got, want):
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    for b, n in enumerate(np.asarray(want.lengths)):
+        np.testing.assert_array_equal(np.asarray(got.tokens[b, :n]), np.asarray(want.tokens[b, :n]))
+
+
+def test_greedy_equals_autoregressive_with_an_untrained_drafter(llm, prompts):
+    draft = spec.BeamDraft(DRAFTER, BEAM)
+    draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
+    got = run_spec(llm, draft_params, draft, *prompts, max_new=12)
+    assert_same_tokens(got, autoregressive(llm, *prompts, 12))
+    assert np.all(np.asarray(got.calls) >= 1)
+
+
+def test_greedy_equals_autoregressive_with_an_oracle_drafter(llm, prompts):
+    draft = OracleDraft(CONFIG, BEAM)
+    got = run_spec(llm, llm, draft, *prompts, max_new=14)
+    want = autoregressive(llm, *prompts, 14)
+    assert_same_tokens(got, want)
+    hist = np.asarray(got.accepted).sum(0)
+    assert np.count_nonzero(hist) >= 3, hist  # accepted lengths vary, full acceptance included
+    emitted = (hist * np.arange(1, BEAM.length + 2)).sum() / hist.sum()
+    assert emitted > 2.0, hist  # far more than one token per target call
+    assert np.all(np.asarray(got.calls) < np.asarray(want.lengths))
+    ended = [int(want.tokens[b, n - 1]) in CONFIG.eos_token_ids for b, n in enumerate(want.lengths)]
+    assert any(ended) and not all(ended)  # some rows stopped at EOS, the others at max_new
+
+
+def test_max_new_tokens_per_row(llm, prompts):
+    draft = OracleDraft(CONFIG, BEAM)
+    max_new = np.array([1, 2, 14, 0])
+    got = run_spec(llm, llm, draft, *prompts, max_new=max_new)
+    assert_same_tokens(got, autoregressive(llm, *prompts, max_new))
+    assert np.all(np.asarray(got.lengths) <= max_new)
+    past_end = np.arange(14)[None, :] >= np.asarray(got.lengths)[:, None]
+    assert np.all(np.asarray(got.tokens)[past_end] == 0)
+
+
+# Losslessness: V=8, no EOS, sequences of 3 new tokens from one prompt; 512 possible outcomes.
+SMALL = LlamaConfig(8, 16, 32, 1, num_heads=2, num_kv_heads=1, head_dim=8)
+HOT = SamplingConfig(temperature=1.0, top_k=6)
+PROMPT = np.array([1, 5, 2], np.int32)
+NUM_SAMPLES = 16384
+
+
+@dataclass(frozen=True)
+class FixedDraft:
+    """Deterministic drafts that ignore the target: W=3 beams sharing a first token, claimed
+    draft probability 0.4 per token (what a mis-calibrated beam search would report)."""
+
+    beam: BeamConfig = BeamConfig(width=3, length=2)
+
+    def __call__(self, params, inputs: spec.DraftInputs) -> Drafts:
+        t = inputs.llm_token
+        tokens = jnp.stack([jnp.stack([t, (t + 1) % 8, (t + w + 2) % 8]) for w in range(3)])
+        tokens = tokens.at[2, 1].set((t + 3) % 8)
+        return Drafts(tokens, jnp.zeros((3,)), jnp.full((3, 2), jnp.log(0.4)))
+
+
+def exact_three_token_law(small_llm):
+    """[8, 8, 8] P(x1, x2, x3 | PROMPT) under the warped target, from one batched forward."""
+    grid = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1).reshape(64, 2)
+    seqs = np.concatenate([np.tile(PROMPT, (64, 1)), grid], 1)
+    t = seqs.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(t), (64, t))
+    mask = causal_mask(jnp.zeros(64, jnp.int32), 0, t)
+    out = forward(small_llm, SMALL, jnp.asarray(seqs), positions, init_cache(SMALL, 64, 0), mask)
+    warp = lambda x: warp_log_probs(x, HOT.temperature, HOT.top_k)
+    p = np.exp(np.asarray(jax.vmap(jax.vmap(warp))(out.logits)))  # [64, t, 8]
+    p1 = p[0, len(PROMPT) - 1]  # [8]
+    p2 = p[::8, len(PROMPT)]  # [8] rows x1 = 0..7 (x2 = 0) -> P(x2 | x1)
+    p3 = p[:, len(PROMPT) + 1].reshape(8, 8, 8)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def sampled_counts(small_llm, rule):
+    prompts = np.tile(PROMPT, (NUM_SAMPLES, 1))
+    got = run_spec(small_llm, None, FixedDraft(), prompts, np.full(NUM_SAMPLES, 3), 3, HOT, rule,
+                   SMALL, key=11)  # fmt: skip
+    toks = np.asarray(got.tokens)
+    assert np.all(np.asarray(got.lengths) == 3)
+    counts = np.zeros((8, 8, 8))
+    np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
+    return counts, np.asarray(got.accepted).sum(0)
+
+
+@pytest.fixture(scope="module")
+def small_llm():
+    params = init_llm(SMALL, jax.random.key(5))
+    return dict(params, embed=params["embed"] * 0.2)  # a flatter target: many outcomes likely
+
+
+def test_speculative_sampling_matches_the_target_law(small_llm):
+    counts, hist = sampled_counts(small_llm, accept.sampling_rule(HOT))
+    assert hist[1:].sum() > 0.1 * hist.sum(), hist  # drafts do get accepted
+    assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
+
+
+def test_the_reference_rule_fails_the_same_check(small_llm):
+    counts, _ = sampled_counts(small_llm, accept.ReferenceRule(HOT))
+    assert goodness_of_fit(counts, exact_three_token_law(small_llm)) < 1e-6
+
+
+def test_sharded_over_4_devices_equals_unsharded(llm, prompts):
+    draft = spec.BeamDraft(DRAFTER, BEAM)
+    draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
+    hot = SamplingConfig(temperature=1.0)
+    toks, lengths = prompts
+    toks, lengths = np.concatenate([toks, toks[:1]]), np.concatenate([lengths, lengths[:1]])
+    b = len(lengths)  # 5 rows: padded to 8 on 4 devices
+    args = (jnp.asarray(toks), jnp.asarray(lengths), jnp.full((b,), 9, jnp.int32),
+            jax.random.key(3), jnp.arange(b))  # fmt: skip
+    static = (CONFIG, draft, spec.default_rule(hot), hot, 9, BEAM.length, CONFIG.eos_token_ids)
+    mesh = make_mesh(4)
+    sharded = shard_jit(spec.generate_core, mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC)
+    got = sharded(replicate(llm, mesh), replicate(draft_params, mesh), *args, *static)
+    want = spec.generate_jit(llm, draft_params, *args, *static)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # Same first row twice (ids 0 and 4) -> different draws: keys follow row ids.
+    assert not np.array_equal(np.asarray(want.tokens[0]), np.asarray(want.tokens[4]))
