@@ -1,0 +1,343 @@
+"""The engine one Ray worker hosts: speculative decoding of a batch of prompts on local devices.
+
+`Engine.from_config(EngineConfig)` loads the target (GGUF or HF folder), its tokenizer and the
+drafter; `Engine.from_params(...)` wraps in-memory params (tiny random models in tests).
+`engine.generate(items)` / `engine.draft(items)` take `PromptItem`s and return one dict per item:
+`{"id", "text", "token_ids", "metrics"}` (or `{"id", "error"}`). Metrics:
+- `llm_calls`: target forward passes for the row (prefill + verify steps while it was active);
+  `steps`: the verify steps alone; `new_tokens`: generated tokens.
+- `accepted_per_call`: mean tokens emitted per verify step, COUNTING THE BONUS TOKEN (accepted
+  drafted tokens + 1), before cutting at EOS / max-new-tokens.
+- `acceptance_per_depth[d]`: fraction of verify steps that accepted drafted token d+1.
+- `draft_ms`, `verify_ms`: one draft step and one tree-verify step of this batch, each timed
+  alone (compiled, on the state after prefill); `tokens_per_s`: the batch's generated tokens over
+  the wall time of the fused decode (whole batch); `compiled`: that call compiled first (the
+  first batch of a shape), so its tokens_per_s includes compilation.
+Row `i` draws with key `fold_in(seed, crc32(item id))`: a prompt's output does not depend on the
+batch it is in, the padding, or the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drafter.config import BeamConfig, DrafterConfig
+from drafter.model import init_params as init_drafter
+from drafter.sampling import SamplingConfig
+from pipeline import speculative as spec
+from pipeline.prompts import PromptItem
+from sharding import make_mesh, replicate, shard_jit
+
+PROMPT_WIDTH_MULTIPLE = 32  # prompts are padded to a multiple of this: few distinct compilations
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """model: a .gguf file or HF folder (None: the default SmolLM2 from `specdraft fetch-model`).
+    drafter: a drafter folder (None: the shipped one if present, else a freshly initialised,
+    untrained drafter, with a warning). devices: local devices to shard the batch over (None:
+    all)."""
+
+    model: str | None = None
+    drafter: str | None = None
+    beam: BeamConfig = BeamConfig(width=4, length=4)
+    sampling: SamplingConfig = SamplingConfig()
+    max_new_tokens: int = 128
+    devices: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    time_phases: bool = True
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def row_id(item_id: str) -> int:
+    """A stable per-prompt id for its PRNG stream (independent of batch position)."""
+    return zlib.crc32(item_id.encode()) & 0x7FFFFFFF
+
+
+def fresh_drafter(llm_config, seed: int = 0):
+    """An untrained drafter sized for `llm_config` (low acceptance; output stays exact)."""
+    d = llm_config.hidden_size
+    config = DrafterConfig(hidden_size=d, vocab_size=llm_config.vocab_size, exit_dim=2 * d)
+    return config, init_drafter(config, jax.random.key(seed))
+
+
+class Engine:
+    """Holds the target, the drafter and their compiled decode on a mesh of local devices."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        llm_config,
+        llm_params,
+        drafter_config,
+        drafter_params,
+        vocab_map=None,
+        tokenizer=None,
+        drafter_source="given",
+    ):
+        from pipeline.drafter_io import target_embeddings
+
+        self.config, self.llm_config, self.tokenizer = config, llm_config, tokenizer
+        self.drafter_source = drafter_source
+        self.mesh = make_mesh(config.devices)
+        self.llm_params = replicate(llm_params, self.mesh)
+        target = target_embeddings(llm_params, drafter_config, vocab_map)
+        self.draft_params = replicate((drafter_params, target), self.mesh)
+        self.draft_fn = spec.BeamDraft(drafter_config, config.beam)
+        self.rule = spec.default_rule(config.sampling)
+        self._generate = shard_jit(
+            spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC
+        )
+        self._draft = shard_jit(spec.draft_core, self.mesh, spec.DRAFT_BATCH, spec.DRAFT_STATIC)
+
+    @classmethod
+    def from_params(
+        cls,
+        llm_config,
+        llm_params,
+        drafter_config=None,
+        drafter_params=None,
+        config: EngineConfig | None = None,
+        tokenizer=None,
+        vocab_map=None,
+    ) -> Engine:
+        """An engine over in-memory params; no drafter -> a fresh untrained one."""
+        config = config or EngineConfig()
+        source = "given"
+        if drafter_params is None:
+            drafter_config, drafter_params = fresh_drafter(llm_config, config.seed)
+            source = "fresh (untrained)"
+        return cls(
+            config,
+            llm_config,
+            llm_params,
+            drafter_config,
+            drafter_params,
+            vocab_map,
+            tokenizer,
+            source,
+        )
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        from pipeline.drafter_io import DEFAULT_DRAFTER, load_drafter
+        from pipeline.models import require_model
+        from pipeline.tokenizer import Tokenizer
+        from pipeline.weights import load_model
+
+        path = require_model(config.model)
+        llm_config, llm_params = load_model(path)
+        tokenizer = (
+            Tokenizer.from_gguf(path)
+            if path.is_file()
+            else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
+        )
+        drafter_path = config.drafter or (DEFAULT_DRAFTER if DEFAULT_DRAFTER.is_dir() else None)
+        if drafter_path is None:
+            warnings.warn(
+                f"no drafter given and none shipped at {DEFAULT_DRAFTER}: using a freshly "
+                "initialised, untrained drafter (exact output, low acceptance)",
+                stacklevel=2,
+            )
+            return cls.from_params(llm_config, llm_params, config=config, tokenizer=tokenizer)
+        loaded = load_drafter(drafter_path, llm_config)
+        return cls(
+            config,
+            llm_config,
+            llm_params,
+            loaded.config,
+            loaded.params,
+            loaded.vocab_map,
+            tokenizer,
+            str(drafter_path),
+        )
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def encode(self, item: PromptItem) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this Engine has no tokenizer; use generate_ids with token ids")
+        messages = (
+            list(item.messages) if item.messages else [{"role": "user", "content": item.prompt}]
+        )
+        return self.tokenizer.encode_chat(messages)
+
+    def _batch(self, prompts: list[list[int]]):
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if lengths.min() < 1:
+            raise ValueError("a prompt has no tokens")
+        width = int(-(-lengths.max() // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE)
+        limit = self.llm_config.max_seq_len - self.config.max_new_tokens - self.config.beam.length
+        if width > limit:
+            raise ValueError(f"prompt of {lengths.max()} tokens exceeds the context ({limit})")
+        toks = np.zeros((len(prompts), width), np.int32)
+        for i, p in enumerate(prompts):
+            toks[i, : len(p)] = p
+        return jnp.asarray(toks), jnp.asarray(lengths)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate_ids(self, prompts: list[list[int]], row_ids: list[int]):
+        """Token-id prompts -> (SpecOut as numpy, seconds of the fused decode)."""
+        c = self.config
+        toks, lengths = self._batch(prompts)
+        b = len(prompts)
+        args = (
+            toks,
+            lengths,
+            jnp.full((b,), c.max_new_tokens, jnp.int32),
+            jax.random.key(c.seed),
+            jnp.asarray(row_ids, jnp.int32),
+        )
+        static = (
+            self.llm_config,
+            self.draft_fn,
+            self.rule,
+            c.sampling,
+            c.max_new_tokens,
+            c.beam.length,
+            self.llm_config.eos_token_ids,
+        )
+        compiled = self._generate.cache_size()
+        t0 = time.perf_counter()
+        out = jax.device_get(self._generate(self.llm_params, self.draft_params, *args, *static))
+        self.last_call_compiled = self._generate.cache_size() > compiled
+        return out, time.perf_counter() - t0
+
+    def phase_times(self, prompts: list[list[int]]) -> tuple[float, float]:
+        """(draft ms, verify ms) of one step of this batch, each compiled and timed alone."""
+        c = self.config
+        toks, lengths = self._batch(prompts)
+        b = len(prompts)
+        state = _start_jit(
+            self.llm_params,
+            toks,
+            lengths,
+            jnp.full((b,), c.max_new_tokens),
+            jax.random.key(c.seed),
+            jnp.arange(b),
+            config=self.llm_config,
+            sampling=c.sampling,
+            num_tokens=c.max_new_tokens,
+            length=c.beam.length,
+            eos_ids=(),
+        )
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, 1)
+        draft = lambda: _draft_jit(self.draft_fn, self.draft_params, state, keys)
+        drafts = _timed(draft)[1]
+        verify = lambda: _verify_jit(self.llm_params, self.llm_config, state.cache, drafts.tokens)
+        return _timed(draft)[0], _timed(verify)[0]
+
+    def generate(self, items: list[PromptItem]) -> list[dict]:
+        results = []
+        for start in range(0, len(items), self.config.batch_size):
+            results += self._generate_batch(items[start : start + self.config.batch_size])
+        return results
+
+    def _generate_batch(self, items: list[PromptItem]) -> list[dict]:
+        prompts = [self.encode(item) for item in items]
+        out, seconds = self.generate_ids(prompts, [row_id(item.id) for item in items])
+        draft_ms, verify_ms = self.phase_times(prompts) if self.config.time_phases else (None,) * 2
+        tok_s = float(out.lengths.sum()) / seconds if seconds > 0 else None
+        results = []
+        for i, item in enumerate(items):
+            ids = [int(t) for t in out.tokens[i, : out.lengths[i]]]
+            metrics = row_metrics(out.calls[i], out.accepted[i], len(ids))
+            metrics.update(
+                draft_ms=draft_ms,
+                verify_ms=verify_ms,
+                tokens_per_s=tok_s,
+                compiled=self.last_call_compiled,
+            )
+            results.append(
+                {
+                    "id": item.id,
+                    "text": self.tokenizer.decode(ids),
+                    "token_ids": ids,
+                    "metrics": metrics,
+                }
+            )
+        return results
+
+    def draft(self, items: list[PromptItem]) -> list[dict]:
+        """Prefill, take the target's first token and draft W beams (no verification)."""
+        results = []
+        for start in range(0, len(items), self.config.batch_size):
+            chunk = items[start : start + self.config.batch_size]
+            toks, lengths = self._batch([self.encode(item) for item in chunk])
+            ids = jnp.asarray([row_id(item.id) for item in chunk], jnp.int32)
+            static = (self.llm_config, self.draft_fn, self.config.sampling, self.config.beam.length)
+            drafts = jax.device_get(
+                self._draft(
+                    self.llm_params,
+                    self.draft_params,
+                    toks,
+                    lengths,
+                    jax.random.key(self.config.seed),
+                    ids,
+                    *static,
+                )
+            )
+            for i, item in enumerate(chunk):
+                beams = [[int(t) for t in row] for row in drafts.tokens[i]]
+                results.append(
+                    {
+                        "id": item.id,
+                        "text": self.tokenizer.decode(beams[0]),
+                        "token_ids": beams[0],
+                        "beams": beams,
+                        "beam_texts": [self.tokenizer.decode(b) for b in beams],
+                        "scores": [float(s) for s in drafts.scores[i]],
+                    }
+                )
+        return results
+
+    def describe(self) -> dict:
+        return {
+            "devices": self.mesh.size,
+            "drafter": self.drafter_source,
+            "config": dataclasses.asdict(self.config),
+        }
+
+
+def row_metrics(calls, accepted_hist, new_tokens: int) -> dict:
+    """[] verify calls, [L+1] histogram of accepted draft lengths -> the per-row metrics."""
+    calls = int(calls)
+    hist = np.asarray(accepted_hist, np.float64)
+    per_call = float((hist * np.arange(1, hist.size + 1)).sum() / calls) if calls else None
+    at_least = hist[::-1].cumsum()[::-1][1:]  # steps that accepted >= d+1 drafted tokens
+    return {
+        "llm_calls": calls + 1,
+        "steps": calls,
+        "new_tokens": new_tokens,
+        "accepted_per_call": per_call,
+        "acceptance_per_depth": [float(x / calls) if calls else None for x in at_least],
+    }
+
+
+def _timed(fn):
+    """Run once to compile, then time a second run: (ms, result)."""
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+_start_jit = jax.jit(
+    spec.start, static_argnames=("config", "sampling", "num_tokens", "length", "eos_ids")
+)
+_draft_jit = jax.jit(spec.draft_step, static_argnums=0)
+_verify_jit = jax.jit(spec.verify_step, static_argnums=1)
