@@ -213,8 +213,32 @@ def forward_seq_hidden(params, config: LlamaConfig, tokens, positions, cache_k, 
         x, k, v = decoder_layer(config, layer, x, ck, cv, cos, sin, mask)
         return x, (k, v)
 
-    x, (new_k, new_v) = jax.lax.scan(step, x, (params["layers"], cache_k, cache_v))
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        x, (new_k, new_v) = jax.lax.scan(step, x, (layers, cache_k, cache_v))
+    else:  # unstacked (see `unstack_layers`): one unrolled block per layer
+        kvs = []
+        for n, layer in enumerate(layers):
+            x, kv = step(x, (layer, cache_k[n], cache_v[n]))
+            kvs.append(kv)
+        new_k, new_v = (jnp.stack(part) for part in zip(*kvs, strict=True))
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_k, new_v
+
+
+def unstack_layers(params) -> dict:
+    """The same params with `layers` as a tuple of N per-layer dicts (call outside jit, once).
+
+    `forward` accepts both forms. Stacked layers run under `lax.scan` (fast to compile), but XLA
+    copies each layer's weights out of the stacked arrays on every step, so a weight-bound decode
+    step moves about 3x the weight bytes. Separate per-layer arrays are read in place: use them
+    for decoding; the stacked form stays the storage layout (loaders, checkpoints).
+    """
+    layers = params["layers"]
+    if not isinstance(layers, dict):
+        return params
+    num_layers = next(iter(layers.values())).shape[0]
+    per_layer = tuple({k: w[n] for k, w in layers.items()} for n in range(num_layers))
+    return {**params, "layers": per_layer}
 
 
 def lm_logits(params, hidden):
@@ -239,14 +263,18 @@ def forward(params, config: LlamaConfig, tokens, positions, cache: KVCache, mask
 
     Mask columns `0..S-1` are cache slots, `S..S+T-1` the new tokens. Does not write the cache.
     """
-    _check_shapes(config, tokens, positions, cache, mask)
+    _check_shapes(params, config, tokens, positions, cache, mask)
     hidden, new_k, new_v = forward_hidden(params, config, tokens, positions, cache, mask)
     return ForwardOut(lm_logits(params, hidden), hidden, new_k, new_v)
 
 
-def _check_shapes(config, tokens, positions, cache, mask):
+def _check_shapes(params, config, tokens, positions, cache, mask):
     b, t = tokens.shape
     s = cache.k.shape[2]
+    layers = params["layers"]
+    n = len(layers) if isinstance(layers, (list, tuple)) else layers["wq"].shape[0]
+    if n != config.num_layers:
+        raise ValueError(f"forward: params have {n} layers, config.num_layers={config.num_layers}")
     if positions.shape != (b, t):
         raise ValueError(f"forward: positions {positions.shape} must match tokens {(b, t)}")
     if cache.k.shape[:2] != (config.num_layers, b):

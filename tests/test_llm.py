@@ -16,6 +16,7 @@ from pipeline.llm import (
     forward,
     init_cache,
     init_params,
+    unstack_layers,
 )
 
 CONFIG = LlamaConfig(
@@ -112,6 +113,10 @@ def test_logits_match_numpy_reference(tied):
     ref_logits, ref_hidden = np_llama(params, cfg, tokens)
     np.testing.assert_allclose(out.logits[0], ref_logits, atol=2e-4, rtol=2e-4)
     np.testing.assert_allclose(out.hidden[0], ref_hidden, atol=2e-4, rtol=2e-4)
+    unrolled = run_fresh(unstack_layers(params), cfg, tokens[None])
+    assert isinstance(unstack_layers(params)["layers"], tuple)
+    np.testing.assert_allclose(unrolled.logits, out.logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(unrolled.new_v, out.new_v, atol=1e-6)
 
 
 def test_rope_base_changes_logits():
