@@ -1,0 +1,84 @@
+"""Single-host generation without Ray: engine flags -> EngineConfig, prompts -> JSONL results.
+
+The Ray layer (`specdraft generate`, cluster/) owns the user-facing command; it can reuse
+`add_engine_arguments` / `engine_config_from_args` for the engine's flags and host an `Engine`
+built from the resulting `EngineConfig`. `python -m pipeline.generate_cmd --prompts FILE --out
+OUT.jsonl` runs the same engine in this process (prompts go through the model's chat template).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from drafter.config import BeamConfig
+from drafter.sampling import SamplingConfig
+from pipeline.engine import Engine, EngineConfig
+
+DEFAULTS = EngineConfig()
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
+    g.add_argument("--drafter", default=None, help="drafter folder (default: the shipped one)")
+    g.add_argument("--width", type=int, default=DEFAULTS.beam.width, help="beam width W")
+    g.add_argument("--length", type=int, default=DEFAULTS.beam.length, help="draft length L")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    g.add_argument("--devices", type=int, default=None, help="local devices (default: all)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig that `add_engine_arguments` flags describe (errors name the field)."""
+    return EngineConfig(
+        model=args.model,
+        drafter=args.drafter,
+        beam=BeamConfig(args.width, args.length),
+        sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+        max_new_tokens=args.max_new_tokens,
+        devices=args.devices,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+def generate_local(config: EngineConfig, items) -> list[dict]:
+    """PromptItems -> result dicts, in this process on local devices."""
+    return Engine.from_config(config).generate(list(items))
+
+
+def write_jsonl(results: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for record in results:
+            f.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.prompts import read_prompts
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.generate_cmd", description=__doc__)
+    parser.add_argument("--prompts", type=Path, required=True, help="JSONL or text prompt file")
+    parser.add_argument("--out", type=Path, required=True, help="results, one JSON a line")
+    add_engine_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+        prompts = read_prompts(args.prompts)
+    except ValueError as err:
+        print(f"generate: error: {err}", file=sys.stderr)
+        return 2
+    write_jsonl(prompts.errors + generate_local(config, prompts.items), args.out)
+    print(f"generate: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

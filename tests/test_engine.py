@@ -1,0 +1,76 @@
+"""pipeline.engine on a tiny random model: results, metrics, batch-independent sampling."""
+
+import jax
+import numpy as np
+import pytest
+
+from drafter.config import BeamConfig
+from drafter.sampling import SamplingConfig
+from pipeline.engine import Engine, EngineConfig, row_metrics
+from pipeline.generate import generate
+from pipeline.llm import LlamaConfig
+from pipeline.llm import init_params as init_llm
+from pipeline.prompts import PromptItem
+
+CONFIG = LlamaConfig(32, 32, 64, 2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     tie_word_embeddings=False, eos_token_ids=(2,))  # fmt: skip
+
+
+class CharTokenizer:
+    """Characters -> ids 4..31; enough of the Tokenizer interface for the engine."""
+
+    def encode_chat(self, messages):
+        return [4 + ord(c) % 28 for m in messages for c in m["content"]]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+ITEMS = [
+    PromptItem(id="a", prompt="hello there"),
+    PromptItem(id="b", prompt="hi"),
+    PromptItem(id="c", messages=({"role": "user", "content": "a longer question?"},)),
+]
+GREEDY = SamplingConfig()
+
+
+def engine(sampling=GREEDY, batch_size=3):
+    config = EngineConfig(beam=BeamConfig(3, 2), sampling=sampling, max_new_tokens=10,
+                          batch_size=batch_size, time_phases=False)  # fmt: skip
+    llm = init_llm(CONFIG, jax.random.key(0))
+    return Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+
+
+def test_greedy_results_equal_autoregressive_and_metrics_add_up():
+    eng = engine()
+    results = eng.generate(ITEMS)
+    assert [r["id"] for r in results] == ["a", "b", "c"]
+    prompts = [eng.encode(item) for item in ITEMS]
+    toks, lengths = eng._batch(prompts)
+    want = generate(eng.llm_params, CONFIG, toks, lengths, SamplingConfig(), jax.random.key(0), 10)
+    for i, r in enumerate(results):
+        assert r["token_ids"] == [int(t) for t in want.tokens[i, : want.lengths[i]]]
+        assert r["text"] == CharTokenizer().decode(r["token_ids"])
+        m = r["metrics"]
+        assert m["new_tokens"] == len(r["token_ids"]) and m["llm_calls"] == m["steps"] + 1
+        assert 1.0 <= m["accepted_per_call"] <= 3.0
+        assert len(m["acceptance_per_depth"]) == 2
+
+
+def test_sampled_output_does_not_depend_on_the_batch():
+    hot = SamplingConfig(temperature=1.0)
+    together = engine(hot, batch_size=3).generate(ITEMS)
+    alone = engine(hot, batch_size=1).generate(ITEMS)
+    assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+
+
+def test_row_metrics_counts_the_bonus_token():
+    m = row_metrics(4, [1, 1, 2], 9)  # accepted 0, 1, 2, 2 drafted tokens -> 1+2+3+3 emitted
+    assert m["accepted_per_call"] == pytest.approx(9 / 4)
+    np.testing.assert_allclose(m["acceptance_per_depth"], [3 / 4, 2 / 4])
+    assert m["llm_calls"] == 5
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="EngineConfig.max_new_tokens"):
+        EngineConfig(max_new_tokens=0)
