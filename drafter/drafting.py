@@ -82,17 +82,22 @@ def sample_seq(
     check_target(config, target)
     step = _step_fn(params, config, target, llm_state)
 
-    def body(carry, step_key):
-        rnn_state, token = carry
-        rnn_state, log_probs = step(rnn_state, token)
+    def advance(rnn_state, token, step_key):
+        new_state, log_probs = step(rnn_state, token)
         warped = warp_log_probs(log_probs, temperature, top_k, top_p)
         draft_id = draw(step_key, warped, temperature)
+        # Keep the carry's dtype when params and states differ in precision.
         out = (draft_id, warped[draft_id], warped if return_log_probs else None)
-        return (rnn_state, to_target_ids(target, draft_id)), out
+        return (new_state.astype(rnn_state.dtype), to_target_ids(target, draft_id)), out
 
-    carry0 = (rnn_state0, jnp.asarray(llm_token, jnp.int32))
-    _, (ids, token_lp, log_probs) = jax.lax.scan(body, carry0, jax.random.split(key, length))
-    tokens = jnp.concatenate([carry0[1][None], to_target_ids(target, ids)])
+    # The first step is peeled off the scan: beams vmapped with a shared (unbatched) rnn_state0
+    # and llm_token then run its RNN, head and warp once per prompt instead of once per beam.
+    keys = jax.random.split(key, length)
+    llm_token = jnp.asarray(llm_token, jnp.int32)
+    carry, first = advance(rnn_state0, llm_token, keys[0])
+    _, rest = jax.lax.scan(lambda c, k: advance(*c, k), carry, keys[1:])
+    ids, token_lp, log_probs = jax.tree.map(lambda f, r: jnp.concatenate([f[None], r]), first, rest)
+    tokens = jnp.concatenate([llm_token[None], to_target_ids(target, ids)])
     return Drafts(tokens, jnp.sum(token_lp), token_lp, log_probs)
 
 
@@ -118,7 +123,7 @@ def sample_drafts(
     """
     batch, width = llm_states.shape[0], beam.width
     temperatures = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
-    rnn_state0 = jnp.zeros((width, config.hidden_size), llm_states.dtype)
+    rnn_state0 = jnp.zeros((config.hidden_size,), llm_states.dtype)
 
     def one(rnn0, key, llm_state, llm_token, temp):
         return sample_seq(
@@ -136,7 +141,8 @@ def sample_drafts(
             return_log_probs,
         )
 
-    over_beams = jax.vmap(one, in_axes=(0, 0, None, None, None))
+    # rnn_state0 and the prompt are shared by its beams (unbatched), so the first step runs once.
+    over_beams = jax.vmap(one, in_axes=(None, 0, None, None, None))
 
     def per_prompt(llm_state, llm_token, sequence_id, temp):
         seq_key = jax.random.fold_in(base_key, sequence_id)
