@@ -210,6 +210,9 @@ def beam_search(
     beams the same state and distribution, so it is computed once and its top-W tokens seed W
     distinct beams (the reference instead scores beams 1..W-1 as log 0). Each later step takes the
     joint top-W over W x V_draft (beam log-prob + token log-prob).
+
+    With `reference_logits` the beams equal the reference's when W <= 50 (its top-50 mask): for
+    wider beams the reference can also pick masked tokens of its log-0 beams at the first step.
     """
     check_target(config, target)
     width, vocab = beam.width, config.draft_vocab
