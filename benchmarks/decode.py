@@ -3,8 +3,10 @@
 For each batch size and each (W, L): tokens/s of the fused speculative decode and of plain
 autoregressive decode (`pipeline.generate`) on the same fixed chat prompts (each timed after a
 compiling warm-up run), mean tokens per verify call (accepted + the bonus token), and one draft
-step / one tree-verify step timed alone. The drafter is the shipped one when present, else
-`--drafter DIR`, else a fresh untrained one; the JSON says which.
+step / one tree-verify step timed alone; `spec_step_ms` / `ar_step_ms` are the fused loops' wall
+time per iteration (for spec: compare with draft_ms + verify_ms to see loop overhead). The
+drafter is the shipped one when present, else `--drafter DIR`, else a fresh untrained one; the
+JSON says which.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _load(args):
     return llm_config, llm_params, tokenizer, (d.config, d.params, d.vocab_map), str(drafter_path)
 
 
-def _ar_tok_s(engine, prompts, max_new: int) -> float:
+def _ar_speed(engine, prompts, max_new: int) -> tuple[float, float]:
+    """(tokens/s, ms per decode step) of plain autoregressive decoding."""
     import jax
     import jax.numpy as jnp
 
@@ -97,7 +100,7 @@ def _ar_tok_s(engine, prompts, max_new: int) -> float:
         )
     )
     seconds, out = _timed_twice(run)
-    return float(jnp.sum(out.lengths)) / seconds
+    return float(jnp.sum(out.lengths)) / seconds, seconds * 1e3 / float(jnp.max(out.lengths))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     for batch in args.batches:
         items = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
         prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in items]
-        ar_tok_s = None
+        ar = None
         for beam in beams:
             config = EngineConfig(
                 beam=beam,
@@ -129,8 +132,8 @@ def run(args: argparse.Namespace) -> dict:
                 tokenizer,
                 drafter_source,
             )
-            if ar_tok_s is None:
-                ar_tok_s = _ar_tok_s(engine, prompts, args.max_new_tokens)
+            if ar is None:
+                ar = _ar_speed(engine, prompts, args.max_new_tokens)
             ids = list(range(batch))
             seconds, (out, _) = _timed_twice(
                 lambda e=engine, p=prompts, i=ids: e.generate_ids(p, i)
@@ -143,10 +146,12 @@ def run(args: argparse.Namespace) -> dict:
                 "width": beam.width,
                 "length": beam.length,
                 "spec_tok_s": float(out.lengths.sum()) / seconds,
-                "ar_tok_s": ar_tok_s,
+                "ar_tok_s": ar[0],
                 "accepted_per_call": per_call,
                 "draft_ms": draft_ms,
                 "verify_ms": verify_ms,
+                "spec_step_ms": seconds * 1e3 / int(out.calls.max()),
+                "ar_step_ms": ar[1],
             }
             log(str(row))
             results.append(row)

@@ -69,9 +69,13 @@ class TreeMatch:
     def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits) -> Accepted:
         """key, [W, L+1], [W, L] (unused), Tree, [n, V] -> Accepted."""
         s = self.sampling
-        keys = jax.random.split(key, logits.shape[0])
-        pick = jax.vmap(lambda k, x: sample(k, x, s.temperature, s.top_k, s.top_p))
-        target = pick(keys, logits)  # [n] the target's token after each node
+        if s.greedy:  # static: skip the n x V random draws that `sample` would discard
+            warp = jax.vmap(lambda x: warp_log_probs(x, 0.0, s.top_k, s.top_p))
+            target = jnp.argmax(warp(logits), axis=-1).astype(jnp.int32)  # as `sample` does
+        else:
+            keys = jax.random.split(key, logits.shape[0])
+            pick = jax.vmap(lambda k, x: sample(k, x, s.temperature, s.top_k, s.top_p))
+            target = pick(keys, logits)  # [n] the target's token after each node
         ok = candidates[:, 1:] == target[tree.node_of[:, :-1]]
         beam, length, last = _best(candidates, tree.node_of, ok)
         return Accepted(beam, length, target[last], last)
