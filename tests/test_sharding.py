@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from drafter.config import BeamConfig, DrafterConfig
+from drafter.drafting import draft_batch, sample_drafts
+from drafter.model import TargetEmbeddings, init_params
 from sharding import (
     batch_sharding,
     make_mesh,
@@ -178,3 +181,70 @@ def test_per_sequence_keys_make_rows_independent_of_batch_and_devices(setup):
         sel = np.array(rows)
         tokens = fn(replicate(params, mesh), key, 3.0, ids[sel], xs[sel])[1]
         assert [int(t) for t in tokens] == [alone[r] for r in rows]
+
+
+# --- the real drafter under shard_jit -------------------------------------------------------
+
+DRAFT_CONFIG = DrafterConfig(hidden_size=16, vocab_size=64, exit_dim=24, num_draft_layers=2)
+BEAM = BeamConfig(width=4, length=3)
+
+
+@pytest.fixture(scope="module")
+def drafter_setup():
+    k_params, k_embed, k_states, k_tokens = jax.random.split(jax.random.key(11), 4)
+    params = init_params(DRAFT_CONFIG, k_params)
+    target = TargetEmbeddings(embed=jax.random.normal(k_embed, (64, 16)))
+    states = jax.random.normal(k_states, (8, 16))
+    tokens = jax.random.randint(k_tokens, (8,), 0, 64)
+    return params, target, states, tokens
+
+
+def _assert_drafts_equal(got, expected):
+    """Tokens exactly; log-probs to fp32 rounding (a device's share of the rows changes the
+    matmul's row count, which may change XLA:CPU's kernel and so the last bit)."""
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
+    for g, e in zip(got[1:], expected[1:], strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            assert g.shape == e.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_dev, batch", [(1, 8), (2, 8), (4, 5), (8, 3)])
+def test_sharded_beam_search_equals_unsharded(drafter_setup, n_dev, batch):
+    params, target, states, tokens = drafter_setup
+    args = (params, DRAFT_CONFIG, target, states[:batch], tokens[:batch], BEAM, True)
+    expected = jax.jit(draft_batch, static_argnums=(1, 5, 6))(*args)
+    mesh = make_mesh(n_dev)
+    fn = shard_jit(draft_batch, mesh, batch_argnums=(3, 4), static_argnums=(1, 5, 6))
+    rep_params, rep_target = replicate((params, target), mesh)
+    got = fn(rep_params, DRAFT_CONFIG, rep_target, states[:batch], tokens[:batch], BEAM, True)
+    _assert_drafts_equal(got, expected)
+    padded, _ = fn.padded(rep_params, DRAFT_CONFIG, rep_target, *args[3:5], BEAM, True)
+    assert padded.tokens.shape[0] % n_dev == 0
+    assert len(padded.log_probs.addressable_shards) == n_dev
+    assert padded.log_probs.sharding.is_equivalent_to(batch_sharding(mesh), 4)
+
+
+def test_sharded_sampling_is_independent_of_batch_and_devices(drafter_setup):
+    """sample_drafts keys each row by its sequence id: a row drafts the same tokens alone, in any
+    batch, padded or not, on any number of devices."""
+    params, target, states, tokens = drafter_setup
+    ids = jnp.arange(40, 48, dtype=jnp.int32)
+    key = jax.random.key(5)
+    statics = (1, 8)
+    run = jax.jit(sample_drafts, static_argnums=statics)
+    alone = [
+        run(params, DRAFT_CONFIG, target, states[i : i + 1], tokens[i : i + 1], key,
+            ids[i : i + 1], 1.5, BEAM).tokens[0]
+        for i in range(8)
+    ]  # fmt: skip
+    assert len({tuple(np.asarray(a).ravel()) for a in alone}) == 8  # really random per row
+    for n_dev, rows in [(4, [5, 0, 7, 2, 3]), (8, [6, 1])]:
+        mesh = make_mesh(n_dev)
+        fn = shard_jit(sample_drafts, mesh, batch_argnums=(3, 4, 6), static_argnums=statics)
+        sel = np.array(rows)
+        got = fn(replicate(params, mesh), DRAFT_CONFIG, target, states[sel], tokens[sel], key,
+                 ids[sel], 1.5, BEAM).tokens  # fmt: skip
+        for row, r in zip(got, rows, strict=True):
+            np.testing.assert_array_equal(np.asarray(row), np.asarray(alone[r]))
