@@ -194,9 +194,9 @@ def test_the_reference_rule_fails_the_same_check(small_llm):
 
 
 def test_sharded_over_4_devices_equals_unsharded(llm, prompts):
-    draft = spec.BeamDraft(DRAFTER, BEAM)
-    draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
     hot = SamplingConfig(temperature=1.0)
+    draft = spec.SampledDraft(DRAFTER, BEAM, hot)  # sampled drafts: keys must follow rows too
+    draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
     toks, lengths = prompts
     toks, lengths = np.concatenate([toks, toks[:1]]), np.concatenate([lengths, lengths[:1]])
     b = len(lengths)  # 5 rows: padded to 8 on 4 devices
