@@ -56,7 +56,7 @@ def beam_search_cost(shape: Shape, batch: int, width: int, length: int) -> Cost:
     wide_blocks = shape.num_draft_layers - (0 if has_proj else 1)  # the [E, E] ResBlocks
     # Per row and step: RNN (W, U), the s' half of the first layer, [E, E] blocks, the LM head.
     row_weights = 2 * d * d + d * e + wide_blocks * e * e + e * v
-    row_biases = d + wide_blocks * e + (e if has_proj else 0)
+    row_biases = d + wide_blocks * e  # the first layer's bias is in the per-prompt half
     rows = batch * (1 + (length - 1) * width)
     prompt_flops = 2 * d * e  # llm_state @ w_llm, once per prompt
     flops = rows * 2 * row_weights + batch * prompt_flops
@@ -122,6 +122,11 @@ def _time_case(config, params, target, batch, beam, repeats, warmup, seed) -> li
     return time_call(lambda: compiled(params, target, llm_states, llm_tokens), repeats, warmup)
 
 
+def _sig(x: float) -> float:
+    """Four significant digits: enough for timings, exact enough for tiny bounds."""
+    return float(f"{x:.4g}")
+
+
 def run(args: argparse.Namespace) -> dict:
     from benchmarks import machine as machine_mod
     from drafter.config import BeamConfig
@@ -143,11 +148,10 @@ def run(args: argparse.Namespace) -> dict:
                 bound_ms = cost.bound_s(speed) * 1e3
                 results.append({
                     "shape": name, "batch": batch, "width": width, "length": length,
-                    "median_ms": round(median_ms, 3), "bound_ms": round(bound_ms, 3),
-                    "ratio": round(median_ms / bound_ms, 3),
-                    "gflop": round(cost.flops / 1e9, 4),
-                    "weight_gb": round(cost.weight_bytes / 1e9, 4),
-                    "times_ms": [round(t * 1e3, 3) for t in times],
+                    "median_ms": _sig(median_ms), "bound_ms": _sig(bound_ms),
+                    "ratio": _sig(median_ms / bound_ms),
+                    "gflop": _sig(cost.flops / 1e9), "weight_gb": _sig(cost.weight_bytes / 1e9),
+                    "times_ms": [_sig(t * 1e3) for t in times],
                 })  # fmt: skip
                 log(f"  B={batch:<2} W={width:<2} L={length}: {median_ms:9.1f} ms, "
                     f"bound {bound_ms:9.1f} ms, ratio {median_ms / bound_ms:.2f}")  # fmt: skip

@@ -1,0 +1,71 @@
+"""benchmarks/: the beam-search cost model and the `specdraft bench drafter` command (tiny)."""
+
+import argparse
+import json
+from dataclasses import asdict
+
+import jax
+import pytest
+
+from benchmarks.drafter import SHAPES, Shape, beam_search_cost, parse_beam
+from cluster.cli import main
+from drafter.config import DrafterConfig
+from drafter.model import init_params
+
+
+def _cost_from_params(shape: Shape, batch: int, width: int, length: int):
+    """Count from the real params pytree. The layer holding `w_llm` (the per-prompt half) has its
+    `w_llm` and bias used once per prompt; every other weight and bias is read once per step, and
+    every 2-D weight other than `w_llm` multiplies every row of every step."""
+    params = jax.eval_shape(lambda: init_params(DrafterConfig(**asdict(shape)), jax.random.key(0)))
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = [(jax.tree_util.keystr(p), x) for p, x in leaves]
+    split_layers = {path.rsplit("[", 1)[0] for path, _ in flat if "w_llm" in path}
+    once = lambda path: "w_llm" in path or (path.endswith("['b']") and path[:-5] in split_layers)
+    per_prompt = sum(x.size for path, x in flat if once(path))
+    per_step = sum(x.size for path, x in flat if not once(path))
+    per_row = sum(x.size for path, x in flat if x.ndim == 2 and not once(path))
+    w_llm = sum(x.size for path, x in flat if "w_llm" in path)
+    rows = batch + batch * width * (length - 1)
+    flops = 2 * rows * per_row + 2 * batch * w_llm
+    weight_bytes = 4 * (length * per_step + per_prompt + rows * shape.hidden_size)  # + embed rows
+    return flops, weight_bytes
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("batch, width, length", [(1, 45, 5), (8, 8, 5), (3, 1, 1)])
+def test_cost_model_matches_the_params(name, batch, width, length):
+    cost = beam_search_cost(SHAPES[name], batch, width, length)
+    flops, weight_bytes = _cost_from_params(SHAPES[name], batch, width, length)
+    assert cost.flops == flops
+    assert cost.weight_bytes == weight_bytes
+
+
+def test_projection_shape_counts_its_projection():
+    with_proj = Shape(hidden_size=8, vocab_size=16, exit_dim=24, num_draft_layers=1)
+    flops, weight_bytes = _cost_from_params(with_proj, 2, 3, 4)
+    cost = beam_search_cost(with_proj, 2, 3, 4)
+    assert (cost.flops, cost.weight_bytes) == (flops, weight_bytes)
+
+
+def test_parse_beam():
+    assert parse_beam("45x5") == (45, 5)
+    for bad in ("45", "0x5", "ax5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_beam(bad)
+
+
+def test_bench_drafter_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "drafter", "--shapes", "tiny", "--batches", "2", "--beams", "3x2", "1x1",
+            "--quick", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["gflops"] > 0 and doc["machine"]["gbps"] > 0
+    cases = [(r["shape"], r["batch"], r["width"], r["length"]) for r in doc["results"]]
+    assert cases == [("tiny", 2, 3, 2), ("tiny", 2, 1, 1)]
+    for r in doc["results"]:
+        assert r["median_ms"] > 0 and r["bound_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["median_ms"] / r["bound_ms"], rel=1e-2)
