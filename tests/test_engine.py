@@ -74,3 +74,13 @@ def test_row_metrics_counts_the_bonus_token():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="EngineConfig.max_new_tokens"):
         EngineConfig(max_new_tokens=0)
+
+
+def test_draft_returns_beams_rooted_at_the_first_greedy_token():
+    eng = engine()
+    drafted = eng.draft(ITEMS)
+    generated = eng.generate(ITEMS)
+    for d, g in zip(drafted, generated, strict=True):
+        assert d["id"] == g["id"] and len(d["beams"]) == 3
+        assert all(len(b) == 3 and b[0] == g["token_ids"][0] for b in d["beams"])
+        assert d["scores"] == sorted(d["scores"], reverse=True)
