@@ -50,7 +50,9 @@ class WorkerResources:
 
 def worker_options(resources: WorkerResources) -> dict:
     """Ray actor options for one worker: resources, restarts, and its own device environment."""
-    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    # Workers on a running cluster do not inherit the driver's environment: forward ours.
+    env = {k: v for k, v in os.environ.items() if k.startswith("SPECDRAFT_")}
+    env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
     if resources.cpu_devices > 0:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={resources.cpu_devices}"
         env["JAX_PLATFORMS"] = "cpu"

@@ -1,0 +1,198 @@
+"""Real Ray clusters: a `ray start --head` cluster on localhost with a submitted job and a killed
+coordinator, and extra nodes (more raylets on this machine) for placement.
+
+The head cluster lives in its own temp dir on free ports; it is stopped by killing exactly the
+processes of that cluster (`ray stop` would stop every Ray on the machine, other people's too).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from cluster.coordinator import DispatchConfig, ray_runner, run_job, start_workers
+from cluster.testing import EchoEngine
+from cluster.worker import WorkerResources
+from pipeline.prompts import PromptFile, PromptItem, read_prompts
+
+pytestmark = pytest.mark.ray
+
+ECHO = "cluster.testing:EchoEngine.from_env"
+
+
+@dataclass(frozen=True)
+class Head:
+    address: str
+    dashboard: str
+    env: dict
+    ray_start: list[str]  # `ray start` with this cluster's temp dir, to add nodes
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """SIGTERM, then SIGKILL, the processes of the cluster in `temp_dir` (and its client server,
+    which names only the GCS address) and their children."""
+    me, address = os.getpid(), f":{gcs_port}"
+
+    def ours(args):
+        return any(temp_dir in arg or arg.endswith(address) for arg in args or ())
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid != me and ours(p.info["cmdline"])]
+    procs = set(roots)
+    for p in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.update(p.children(recursive=True))
+    procs = [p for p in procs if p.pid != me]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/sdray")  # short: Ray's unix sockets live in it
+    gcs, dashboard, client, agent = free_ports(4)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    ray_start = [
+        str(Path(sys.executable).parent / "ray"), "start", "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    command = [
+        *ray_start, "--head", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+        "--num-cpus=4",
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, ray_start)
+    finally:
+        stop_cluster(temp_dir, gcs)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_job_submitted_to_a_running_cluster(head, tmp_path):
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"id": f"q{i}", "prompt": "tell me " * (i + 1)} for i in range(9)]
+        + [{"id": "empty", "prompt": " "}, {"id": "long", "prompt": "x" * 500}],
+    )
+    out = tmp_path / "out.jsonl"
+    client = JobSubmissionClient(head.dashboard)
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} -m cluster.job generate --prompts {prompts} --out {out} "
+        f"--workers 2 --batch-size 2 --engine-factory {ECHO} --no-progress",
+        runtime_env={"env_vars": {"SPECDRAFT_ECHO_MAX_PROMPT_CHARS": "200"}},
+        entrypoint_num_cpus=0,
+    )
+    deadline = time.monotonic() + 180
+    while not client.get_job_status(job).is_terminal():
+        assert time.monotonic() < deadline, "job did not finish in 180 s"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs
+    got = {r["id"]: r for r in records(out)}
+    assert sorted(got) == sorted([f"q{i}" for i in range(9)] + ["empty", "long"])
+    want = {r["id"]: r for r in EchoEngine().generate(read_prompts(prompts).items[:9])}
+    for i in range(9):
+        assert {k: v for k, v in got[f"q{i}"].items() if k != "worker"} == want[f"q{i}"]
+    assert got["empty"]["error"].startswith("empty prompt")
+    assert "over the context length 200" in got["long"]["error"]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert sorted(summary["worker_placement"]) == ["worker-0", "worker-1"]
+    assert "total" in logs and str(out) in logs
+
+
+def test_killed_coordinator_resumes_without_loss_or_duplicates(head, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    command = [
+        sys.executable, "-m", "cluster.job", "generate", "--prompts", str(prompts),
+        "--out", str(out), "--address", head.address, "--workers", "2",
+        "--batch-size", "2", "--engine-factory", ECHO, "--no-progress",
+    ]  # fmt: skip
+    slow = dict(head.env, SPECDRAFT_ECHO_DELAY_S="0.3")
+    first = subprocess.Popen(command, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not out.exists() or len(out.read_text().splitlines()) < 4:
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.monotonic() < deadline, "first run wrote nothing in 120 s"
+        time.sleep(0.02)
+    first.kill()  # SIGKILL: no cleanup, no final flush
+    first.wait(timeout=30)
+    done_before = len(records(out))
+    assert 4 <= done_before < 40
+    second = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stdout + second.stderr
+    ids = [r["id"] for r in records(out)]
+    assert sorted(ids, key=int) == [str(i) for i in range(1, 41)]  # text lines: ids 1..40
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["skipped_already_done"] == done_before
+    assert summary["answered"] == 40 - done_before
+
+
+def test_workers_spread_over_simulated_gpu_nodes(head):
+    # Two more nodes (raylets on this machine), each with room for both workers: only the SPREAD
+    # placement group separates them. Their "GPUs" are Ray resources only (no devices): what is
+    # tested is the accounting and placement; the head node has no GPUs, so no worker lands there.
+    for agent_port in free_ports(2):
+        subprocess.run(
+            [*head.ray_start, f"--address={head.address}", "--num-cpus=2", "--num-gpus=2",
+             f"--dashboard-agent-listen-port={agent_port}"],
+            env=head.env, check=True, capture_output=True, timeout=180,
+        )  # fmt: skip
+    ray.init(address=head.address, log_to_driver=False)
+    try:
+        gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+        pool = start_workers(EchoEngine, 2, WorkerResources(cpus=1, gpus=1), spread=True)
+        config = DispatchConfig(batch_size=2)
+        prompts = [PromptItem(id=str(i), prompt="hello " * i) for i in range(1, 13)]
+        try:
+            summary = run_job(
+                PromptFile(prompts, []), Path(tempfile.mkdtemp()) / "out.jsonl", "generate",
+                ray_runner(pool.actors, "generate", config), config, progress=False,
+            )  # fmt: skip
+        finally:
+            pool.shutdown()
+    finally:
+        ray.shutdown()
+    placed = {info["node_id"] for info in pool.info.values()}
+    assert len(gpu_nodes) == 2 and placed == gpu_nodes
+    assert [len(info["gpu_ids"]) for info in pool.info.values()] == [1, 1]
+    assert summary["answered"] == 12
+    assert all(w["prompts"] > 0 for w in summary["workers"].values())
