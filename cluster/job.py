@@ -84,7 +84,11 @@ def run(args: argparse.Namespace, kind: str) -> int:
 def _run_in_process(args, kind, prompts, factory, config) -> dict:
     from cluster.coordinator import in_process_runner, run_job
 
-    runner = in_process_runner(factory(), kind)
+    try:
+        engine = factory()
+    except FileNotFoundError as err:  # e.g. the model is not fetched: the message says how
+        raise UserError(str(err)) from None
+    runner = in_process_runner(engine, kind)
     return _guard(run_job, prompts, args.out, kind, runner, config, not args.no_progress)
 
 
@@ -130,7 +134,8 @@ def _ray_session(address: str | None, cpus_needed: float):
             ray.init(address=address, log_to_driver=False)
         else:
             cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            # "local": a new instance even if `ray start` left an address file on this machine.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     except ConnectionError as err:
         raise UserError(
             f"cannot reach a Ray cluster at {address!r} ({_first_line(err)}). Start one with "

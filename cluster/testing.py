@@ -80,3 +80,47 @@ def _text(item: PromptItem) -> str:
     if item.prompt is not None:
         return item.prompt
     return "\n".join(m["content"] for m in item.messages)
+
+
+class CharTokenizer:
+    """Characters -> ids 4..31 of a 32-token vocabulary; the Tokenizer methods the engine uses."""
+
+    eos_token_ids = (2,)
+
+    def encode_chat(self, messages) -> list[int]:
+        return [4 + ord(c) % 28 for m in messages for c in m["content"]]
+
+    def decode(self, ids) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+@dataclass(frozen=True)
+class TinyEngineFactory:
+    """The real `pipeline.engine.Engine` over a tiny random Llama (vocabulary 32, hidden 32,
+    context `max_seq_len`) and a fresh drafter: weights depend only on `seed`, so every worker
+    and the test process build the same model. Greedy by default."""
+
+    seed: int = 0
+    max_new_tokens: int = 8
+    batch_size: int = 4
+    max_seq_len: int = 128
+
+    def __call__(self):
+        import jax
+
+        from drafter.config import BeamConfig
+        from pipeline.engine import Engine, EngineConfig
+        from pipeline.llm import LlamaConfig, init_params
+
+        llm = LlamaConfig(32, 32, 64, 2, num_heads=4, num_kv_heads=2, head_dim=8,
+                          tie_word_embeddings=False, max_seq_len=self.max_seq_len,
+                          eos_token_ids=(2,))  # fmt: skip
+        config = EngineConfig(
+            beam=BeamConfig(width=3, length=2),
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            time_phases=False,
+        )
+        params = init_params(llm, jax.random.key(self.seed))
+        return Engine.from_params(llm, params, config=config, tokenizer=CharTokenizer())

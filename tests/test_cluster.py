@@ -22,7 +22,7 @@ from cluster.coordinator import (
     run_job,
     start_workers,
 )
-from cluster.testing import EchoEngine
+from cluster.testing import EchoEngine, TinyEngineFactory
 from cluster.worker import WorkerResources
 from pipeline.prompts import PromptFile, PromptItem
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -279,3 +279,30 @@ def test_foreign_output_file_is_refused(tmp_path):
             DispatchConfig(),
             progress=False,
         )
+
+
+def test_real_tiny_engine_on_two_workers_equals_the_engine_run_directly(local_ray, tmp_path):
+    factory = TinyEngineFactory(max_new_tokens=6, batch_size=4, max_seq_len=64)
+    texts = ["hello", "what is this?", "tell me more", "ok", "a b c d", "why", "zz", "eight!"]
+    prompts = [PromptItem(id=f"t{i}", prompt=t) for i, t in enumerate(texts)]
+    too_long = PromptItem(id="long", prompt="x" * 80)  # > 64-token context
+    pool = start_workers(factory, 2, WorkerResources(cpu_devices=2), timeout_s=300)
+    config = DispatchConfig(batch_size=4)
+    out = tmp_path / "out.jsonl"
+    try:
+        summary = run_job(
+            PromptFile([*prompts, too_long], []), out, "generate",
+            ray_runner(pool.actors, "generate", config), config, progress=False,
+        )  # fmt: skip
+    finally:
+        pool.shutdown()
+    got = {r["id"]: r for r in records(out)}
+    assert sorted(got) == sorted([p.id for p in prompts] + ["long"])
+    assert "exceeds the context" in got["long"]["error"]
+    direct = {r["id"]: r for r in factory().generate(prompts)}
+    for item in prompts:
+        assert got[item.id]["token_ids"] == direct[item.id]["token_ids"]
+        assert got[item.id]["text"] == direct[item.id]["text"]
+    assert {got[p.id]["worker"] for p in prompts} == {"worker-0", "worker-1"}
+    assert summary["answered"] == 8 and summary["errors"] == 1
+    assert summary["tokens"] == sum(len(direct[p.id]["token_ids"]) for p in prompts)
