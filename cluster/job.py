@@ -51,9 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker")
     where.add_argument("--no-spread", action="store_true", help="do not spread over nodes")
     where.add_argument("--max-restarts", type=int, default=1, help="restarts of a dead worker")
-    batching = parser.add_argument_group("batching")
-    batching.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
-    batching.add_argument("--in-flight", type=int, default=2, help="batches queued per worker")
+    where.add_argument("--in-flight", type=int, default=2, help="batches queued per worker")
     engine_args.add_arguments(parser)
 
 

@@ -18,18 +18,12 @@ from cluster.cli import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--model", default=None, help="target .gguf or HF folder (default: "
-                        "SmolLM2-135M from `specdraft fetch-model`)")  # fmt: skip
-    engine.add_argument("--drafter", default=None, help="drafter folder (default: shipped)")
-    engine.add_argument("--beam-width", type=int, default=4, help="draft beams per step (W)")
-    engine.add_argument("--beam-length", type=int, default=4, help="drafted tokens per beam (L)")
-    engine.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt")
-    engine.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    engine.add_argument("--top-k", type=int, default=None, help="sample from the top k")
-    engine.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    engine.add_argument("--seed", type=int, default=0, help="sampling seed")
-    engine.add_argument(
+    """The engine's own flags (pipeline.generate_cmd, one definition for every entry point,
+    `--batch-size` included: the coordinator's batches are the engine's) + --engine-factory."""
+    from pipeline.generate_cmd import add_engine_arguments
+
+    add_engine_arguments(parser)
+    parser.add_argument(
         "--engine-factory",
         default=None,
         metavar="MODULE:ATTR",
@@ -41,23 +35,12 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     if args.engine_factory:
         return load_callable(args.engine_factory)
     from cluster.worker import EngineFactory
-    from drafter.config import BeamConfig
-    from drafter.sampling import SamplingConfig
-    from pipeline.engine import EngineConfig
+    from pipeline.generate_cmd import engine_config_from_args
 
     try:
-        config = EngineConfig(
-            model=args.model,
-            drafter=args.drafter,
-            beam=BeamConfig(width=args.beam_width, length=args.beam_length),
-            sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        return EngineFactory(engine_config_from_args(args))
     except ValueError as err:
         raise UserError(str(err)) from None
-    return EngineFactory(config)
 
 
 def load_callable(spec: str) -> Callable[[], Any]:
