@@ -1,7 +1,8 @@
 """The target LLM: a Llama-architecture decoder as pure functions over a params pytree.
 
-Written for one sequence (`forward_seq`: `[T]` tokens against `[N, S, Hkv, hd]` cache slots) and
-vmapped over the batch in `forward`, so every matmul still runs as one `[B*T, D] x [D, F]` product.
+Each decoder block is written for one sequence (`decoder_layer`: `[T, D]` against `[S, Hkv, hd]`
+cache slots) and vmapped over the batch, so every matmul still runs as one `[B*T, D] x [D, F]`
+product.
 Layers are stacked on a leading `N` axis and run with `lax.scan`, so compile time does not grow
 with depth.
 
@@ -161,27 +162,63 @@ def _dense(x, w):
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+# Up to this many new tokens per row, attention reads each layer's cache as plain [S, Hkv*hd]
+# matrices (block-diagonal queries): Hkv times the attention FLOPs, which one decode token can
+# afford, but no per-layer transposed copy of the cache, and XLA then updates the cache in place
+# inside a decode loop instead of copying it (measured in the compiled HLO on CPU). Longer blocks
+# (prefill, big trees) are FLOP-bound and use the batched-head einsum.
+FLAT_CACHE_MAX_T = 4
+
+
+def _cache_scores(q, cache_k, flat: bool):
+    """[T, Hkv, G, hd] (scaled), [S, Hkv, hd] -> [T, Hkv, G, S] fp32."""
+    t, hkv, g, hd = q.shape
+    q = q.astype(cache_k.dtype)
+    if not flat:
+        return jnp.einsum("tkgd,skd->tkgs", q, cache_k, preferred_element_type=jnp.float32)
+    # Row (t, k, g) holds q[t, k, g] in head k's columns and zeros elsewhere.
+    q_bd = jnp.einsum("tkgd,kj->tkgjd", q, jnp.eye(hkv, dtype=q.dtype))
+    scores = jnp.einsum(
+        "qc,sc->qs",
+        q_bd.reshape(t * hkv * g, hkv * hd),
+        cache_k.reshape(-1, hkv * hd),
+        preferred_element_type=jnp.float32,
+    )
+    return scores.reshape(t, hkv, g, -1)
+
+
+def _cache_values(probs, cache_v, flat: bool):
+    """[T, Hkv, G, S], [S, Hkv, hd] -> [T, Hkv, G, hd] fp32."""
+    t, hkv, g, s = probs.shape
+    hd = cache_v.shape[-1]
+    probs = probs.astype(cache_v.dtype)
+    if not flat:
+        return jnp.einsum("tkgs,skd->tkgd", probs, cache_v, preferred_element_type=jnp.float32)
+    # Every head's probabilities against every head's values; keep the matching head's block.
+    out = jnp.dot(
+        probs.reshape(t * hkv * g, s),
+        cache_v.reshape(s, hkv * hd),
+        preferred_element_type=jnp.float32,
+    )
+    return jnp.einsum("tkgjd,kj->tkgd", out.reshape(t, hkv, g, hkv, hd), jnp.eye(hkv))
+
+
 def attention(q, k, v, cache_k, cache_v, mask):
     """[T, Hq, hd], [T, Hkv, hd] x2, [S, Hkv, hd] x2, [T, S+T] bool -> [T, Hq*hd] fp32.
 
     Scores against the cache and against the new tokens are computed separately and only the
-    (small) score matrices are concatenated, so the `S`-slot cache is read once, never copied.
+    (small) score matrices are concatenated: the cache and the new keys are never concatenated.
+    Query head `h` uses key/value head `h // G`.
     """
     t, hq, hd = q.shape
-    hkv = k.shape[1]
+    hkv, s = k.shape[1], cache_k.shape[0]
+    flat = t <= FLAT_CACHE_MAX_T
     q = (q * hd**-0.5).reshape(t, hkv, hq // hkv, hd)
-    f32 = jnp.float32
-    cache_scores = jnp.einsum(
-        "tkgd,skd->kgts", q.astype(cache_k.dtype), cache_k, preferred_element_type=f32
-    )
-    new_scores = jnp.einsum("tkgd,ukd->kgtu", q, k, preferred_element_type=f32)
-    scores = jnp.concatenate([cache_scores, new_scores], axis=-1)
-    probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
-    s = cache_k.shape[0]
-    out = jnp.einsum(
-        "kgts,skd->tkgd", probs[..., :s].astype(cache_v.dtype), cache_v, preferred_element_type=f32
-    )
-    out = out + jnp.einsum("kgtu,ukd->tkgd", probs[..., s:], v, preferred_element_type=f32)
+    new_scores = jnp.einsum("tkgd,ukd->tkgu", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([_cache_scores(q, cache_k, flat), new_scores], axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None, :], scores, MASKED), axis=-1)
+    out = _cache_values(probs[..., :s], cache_v, flat)
+    out = out + jnp.einsum("tkgu,ukd->tkgd", probs[..., s:], v, preferred_element_type=jnp.float32)
     return out.reshape(t, hq * hd)
 
 
@@ -200,29 +237,6 @@ def decoder_layer(config: LlamaConfig, layer: dict, x, cache_k, cache_v, cos, si
     h = rms_norm(x, layer["mlp_norm"], eps)
     gated = jax.nn.silu(_dense(h, layer["w_gate"])) * _dense(h, layer["w_up"])
     return x + _dense(gated, layer["w_down"]), k, v
-
-
-def forward_seq_hidden(params, config: LlamaConfig, tokens, positions, cache_k, cache_v, mask):
-    """One sequence: [T], [T], [N, S, Hkv, hd] x2, [T, S+T] bool ->
-    hidden [T, D] (after the final norm), new_k, new_v [N, T, Hkv, hd]."""
-    x = params["embed"][tokens].astype(jnp.float32)
-    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
-
-    def step(x, per_layer):
-        layer, ck, cv = per_layer
-        x, k, v = decoder_layer(config, layer, x, ck, cv, cos, sin, mask)
-        return x, (k, v)
-
-    layers = params["layers"]
-    if isinstance(layers, dict):
-        x, (new_k, new_v) = jax.lax.scan(step, x, (layers, cache_k, cache_v))
-    else:  # unstacked (see `unstack_layers`): one unrolled block per layer
-        kvs = []
-        for n, layer in enumerate(layers):
-            x, kv = step(x, (layer, cache_k[n], cache_v[n]))
-            kvs.append(kv)
-        new_k, new_v = (jnp.stack(part) for part in zip(*kvs, strict=True))
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_k, new_v
 
 
 def unstack_layers(params) -> dict:
@@ -253,9 +267,30 @@ def forward_hidden(params, config: LlamaConfig, tokens, positions, cache: KVCach
     """[B, T], [B, T], cache, [B, T, S+T] -> hidden [B, T, D], new_k, new_v [N, B, T, Hkv, hd].
 
     `forward` without the head, for callers that need logits at only a few positions.
+    The layer loop runs outside the batch vmap: each layer's cache `[B, S, Hkv, hd]` is then a
+    plain slice, whereas vmapping the whole model over the cache's axis 1 transposes (copies) the
+    entire cache on every call.
     """
-    run = jax.vmap(forward_seq_hidden, in_axes=(None, None, 0, 0, 1, 1, 0), out_axes=(0, 1, 1))
-    return run(params, config, tokens, positions, cache.k, cache.v, mask)
+    x = params["embed"][tokens].astype(jnp.float32)
+    rope = jax.vmap(rope_tables, in_axes=(0, None, None))
+    cos, sin = rope(positions, config.head_dim, config.rope_theta)
+    block = jax.vmap(decoder_layer, in_axes=(None, None, 0, 0, 0, 0, 0, 0))
+
+    def step(x, per_layer):
+        layer, ck, cv = per_layer
+        x, k, v = block(config, layer, x, ck, cv, cos, sin, mask)
+        return x, (k, v)
+
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        x, (new_k, new_v) = jax.lax.scan(step, x, (layers, cache.k, cache.v))
+    else:  # unstacked (see `unstack_layers`): one unrolled block per layer
+        kvs = []
+        for n, layer in enumerate(layers):
+            x, kv = step(x, (layer, cache.k[n], cache.v[n]))
+            kvs.append(kv)
+        new_k, new_v = (jnp.stack(part) for part in zip(*kvs, strict=True))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_k, new_v
 
 
 def forward(params, config: LlamaConfig, tokens, positions, cache: KVCache, mask) -> ForwardOut:
@@ -284,25 +319,28 @@ def _check_shapes(params, config, tokens, positions, cache, mask):
         raise ValueError(f"forward: mask {mask.shape} must be (B, T, S+T)={(b, t, s + t)}")
 
 
-def _commit_seq(k, v, length, new_k, new_v, take, count):
-    """[N, S, Hkv, hd] x2, [], [N, T, Hkv, hd] x2, [T'], [] -> k, v, length."""
-    j = jnp.arange(take.shape[0])
-    # Entries past `count` go to slot S, which `mode="drop"` discards.
-    slots = jnp.where(j < count, length + j, k.shape[1])
-    k = k.at[:, slots].set(new_k[:, take].astype(k.dtype), mode="drop")
-    v = v.at[:, slots].set(new_v[:, take].astype(v.dtype), mode="drop")
-    return k, v, length + count
-
-
 def commit(cache: KVCache, new_k, new_v, take, count) -> KVCache:
     """cache, [N, B, T, Hkv, hd] x2, take [B, T'] int, count [B] -> cache.
 
     Row `b` writes `new_*[:, b, take[b, j]]` into slot `lengths[b] + j` for `j < count[b]`, then
     `lengths += count`. The caller sizes the cache: slots past `S` are dropped.
+
+    Written as one select over the cache rather than a scatter: inside a decode loop XLA (CPU)
+    copied the whole cache twice around the scatter, while the select is one fused in-place pass.
     """
-    run = jax.vmap(_commit_seq, in_axes=(1, 1, 0, 1, 1, 0, 0), out_axes=(1, 1, 0))
-    k, v, lengths = run(cache.k, cache.v, cache.lengths, new_k, new_v, take, count)
-    return KVCache(k, v, lengths)
+    lengths = cache.lengths + count
+    b, t = take.shape
+    if t == 0:
+        return cache._replace(lengths=lengths)
+    # j[b, s]: which chosen entry lands in slot s; only 0 <= j < count[b] is written.
+    j = jnp.arange(cache.k.shape[2])[None, :] - cache.lengths[:, None]
+    hit = ((j >= 0) & (j < count[:, None]))[None, :, :, None, None]
+    src = jnp.take_along_axis(take, jnp.clip(j, 0, t - 1), axis=1)[None, :, :, None, None]
+
+    def write(buf, new):
+        return jnp.where(hit, jnp.take_along_axis(new, src, axis=2).astype(buf.dtype), buf)
+
+    return KVCache(write(cache.k, new_k), write(cache.v, new_v), lengths)
 
 
 def _causal_mask_seq(length, num_slots: int, valid):

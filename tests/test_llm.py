@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pipeline import llm
 from pipeline.llm import (
     KVCache,
     LlamaConfig,
@@ -247,6 +248,30 @@ def test_packed_tree_mask_matches_each_root_to_node_path():
         alone = run_fresh(params, CONFIG, seq[None])
         np.testing.assert_allclose(out.logits[0, i], alone.logits[0, -1], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(out.new_k[:, 0, i], alone.new_k[:, 0, -1], atol=1e-5)
+
+
+def test_flat_cache_attention_equals_batched_heads():
+    """Both ways `attention` reads the cache (chosen by T) give the same result."""
+    ks = jax.random.split(jax.random.key(9), 6)
+    t, s = 3, 7
+    q = jax.random.normal(ks[0], (t, 4, 8))
+    k, v = jax.random.normal(ks[1], (2, t, 2, 8))
+    ck, cv = jax.random.normal(ks[2], (2, s, 2, 8))
+    mask = jax.random.bernoulli(ks[3], 0.5, (t, s + t)).at[:, s:].set(jnp.eye(t, dtype=bool))
+    assert t <= llm.FLAT_CACHE_MAX_T
+    flat = llm.attention(q, k, v, ck, cv, mask)
+    scaled = (q * 8**-0.5).reshape(t, 2, 2, 8)
+    scores = jnp.concatenate(
+        [llm._cache_scores(scaled, ck, False), jnp.einsum("tkgd,ukd->tkgu", scaled, k)], -1
+    )
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, llm.MASKED), -1)
+    ref = llm._cache_values(probs[..., :s], cv, False) + jnp.einsum(
+        "tkgu,ukd->tkgd", probs[..., s:], v
+    )
+    np.testing.assert_allclose(flat, ref.reshape(t, 32), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        llm._cache_scores(scaled, ck, True), llm._cache_scores(scaled, ck, False), atol=1e-5
+    )
 
 
 def test_commit_writes_exactly_the_chosen_tokens():
