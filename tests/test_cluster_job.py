@@ -196,3 +196,44 @@ def test_workers_spread_over_simulated_gpu_nodes(head):
     assert [len(info["gpu_ids"]) for info in pool.info.values()] == [1, 1]
     assert summary["answered"] == 12
     assert all(w["prompts"] > 0 for w in summary["workers"].values())
+
+
+def specdraft(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cluster", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def test_cli_local_mode_writes_results_summary_plot_and_resumes(tmp_path):
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": "hi " * i} for i in range(1, 7)]
+    )
+    out, png = tmp_path / "out.jsonl", tmp_path / "report.png"
+    common = ["--prompts", str(prompts), "--out", str(out), "--engine-factory", ECHO]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    local = ["--local", "--workers", "2", "--devices-per-worker", "2", "--batch-size", "2"]
+    first = specdraft("generate", *common, *local, "--plot", str(png), "--no-progress", env=env)
+    assert first.returncode == 0, first.stderr
+    assert sorted(r["id"] for r in records(out)) == [f"q{i}" for i in range(1, 7)]
+    assert "total" in first.stdout and png.stat().st_size > 10_000
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert sorted(summary["worker_placement"]) == ["worker-0", "worker-1"]
+    again = specdraft("draft", *common, "--no-progress", env=env)  # in-process, nothing left
+    assert again.returncode == 0, again.stderr
+    assert "6 already done" in again.stdout and len(records(out)) == 6
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"'], "p.jsonl:2: not valid JSON"),
+        (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "p.jsonl:2: duplicate id"),
+    ],
+)
+def test_cli_bad_prompt_file_exits_2_naming_the_line(tmp_path, lines, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    result = specdraft("generate", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                       "--engine-factory", ECHO)  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
