@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_beam,
         default=None,
         metavar="WxL",
-        help="beam width x draft length (default: 2x3 4x4)",
+        help="beam width x draft length (default: 1x4 2x3 4x4)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--devices", type=int, default=1, help="local devices to shard over")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     from drafter.config import BeamConfig
     from pipeline.engine import Engine, EngineConfig
 
-    beams = args.beams or [BeamConfig(2, 3), BeamConfig(4, 4)]
+    beams = args.beams or [BeamConfig(1, 4), BeamConfig(2, 3), BeamConfig(4, 4)]
     llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
     log(f"drafter: {drafter_source}")
     results = []

@@ -48,7 +48,8 @@ class EngineConfig:
 
     model: str | None = None
     drafter: str | None = None
-    beam: BeamConfig = BeamConfig(width=4, length=4)
+    # Small trees: on CPU a verify step costs about linearly in its 1 + W*L nodes (bench decode).
+    beam: BeamConfig = BeamConfig(width=2, length=3)
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
     devices: int | None = None
