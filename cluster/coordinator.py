@@ -238,8 +238,11 @@ def run_job(
     run_batches: Callable[[list[list[PromptItem]], JobStats, Callable], None],
     config: DispatchConfig,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
-    """Resume-aware job around any batch runner (Ray or in-process); returns the summary dict."""
+    """Resume-aware job around any batch runner (Ray or in-process); returns the summary dict.
+    Batches shrink below `config.batch_size` when there are too few prompts to give each of
+    the `workers` one."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     done = load_done(out)
@@ -264,7 +267,8 @@ def run_job(
         file_errors = [e for e in prompts.errors if e["id"] not in done]
         if file_errors:
             on_batch("prompt-file", 0.0, file_errors)
-        run_batches(make_batches(todo, config.batch_size), stats, on_batch)
+        batch_size = min(config.batch_size, max(1, -(-len(todo) // workers)))
+        run_batches(make_batches(todo, batch_size), stats, on_batch)
     finally:
         bar.close()
         writer.close()

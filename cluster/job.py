@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from cluster.cli import UserError
@@ -104,13 +105,19 @@ def _run_on_ray(args, kind, prompts, factory, config, address) -> dict:
         max_restarts=args.max_restarts,
     )
     with _ray_session(address, workers * args.cpus_per_worker):
+        print(f"starting {workers} workers (each loads the engine)...", file=sys.stderr)
+        started = time.perf_counter()
         try:
             pool = start_workers(factory, workers, resources, spread=not args.no_spread)
         except Exception as err:
             raise UserError(f"could not start the workers: {_first_line(err)}") from err
+        nodes = len({info["node_id"] for info in pool.info.values()})
+        print(f"{workers} workers ready on {nodes} node(s) in {time.perf_counter() - started:.1f} s"
+              "; the first batch of each prompt width compiles", file=sys.stderr)  # fmt: skip
         try:
             runner = ray_runner(pool.actors, kind, config)
-            summary = _guard(run_job, prompts, args.out, kind, runner, config, not args.no_progress)
+            progress = not args.no_progress
+            summary = _guard(run_job, prompts, args.out, kind, runner, config, progress, workers)
         finally:
             pool.shutdown()
     summary["worker_placement"] = {n: {"node_id": i["node_id"]} for n, i in pool.info.items()}
@@ -129,6 +136,7 @@ def _ray_session(address: str | None, cpus_needed: float):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False)
         else:
             cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
@@ -143,6 +151,19 @@ def _ray_session(address: str | None, cpus_needed: float):
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a host:port nothing listens on (Ray itself retries for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and friends: Ray resolves and reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {address} ({err.strerror or err})") from None
 
 
 def _guard(run_job, *args) -> dict:

@@ -306,3 +306,12 @@ def test_real_tiny_engine_on_two_workers_equals_the_engine_run_directly(local_ra
     assert {got[p.id]["worker"] for p in prompts} == {"worker-0", "worker-1"}
     assert summary["answered"] == 8 and summary["errors"] == 1
     assert summary["tokens"] == sum(len(direct[p.id]["token_ids"]) for p in prompts)
+
+
+def test_few_prompts_are_cut_so_every_worker_gets_a_batch(tmp_path):
+    summary = run_job(
+        PromptFile(items(6), []), tmp_path / "out.jsonl", "generate",
+        in_process_runner(EchoEngine(), "generate"), DispatchConfig(batch_size=8),
+        progress=False, workers=2,
+    )  # fmt: skip
+    assert summary["workers"]["in-process"]["batches"] == 2

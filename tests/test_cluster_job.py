@@ -237,3 +237,12 @@ def test_cli_bad_prompt_file_exits_2_naming_the_line(tmp_path, lines, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_unreachable_cluster_says_how_to_start_one(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "x"}])
+    (port,) = free_ports(1)  # nothing listens there
+    io = ["--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
+    result = specdraft("generate", *io, "--address", f"127.0.0.1:{port}", "--engine-factory", ECHO)
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach a Ray cluster" in result.stderr and "ray start --head" in result.stderr
