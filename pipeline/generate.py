@@ -28,6 +28,7 @@ from pipeline.llm import (
     forward_hidden,
     init_cache,
     lm_logits,
+    unstack_layers,
 )
 
 # What `Generated.tokens` holds past a row's length.
@@ -143,7 +144,12 @@ def decode(
     sampling: SamplingConfig,
     eos_ids: tuple[int, ...],
 ) -> Generated:
-    """Run the `lax.while_loop` until every row is done."""
+    """Run the `lax.while_loop` until every row is done.
+
+    Stacked layers are split once here, before the loop (see `unstack_layers`), so each step
+    reads the weights in place instead of copying every layer out of the stacked arrays.
+    """
+    params = unstack_layers(params)
     b = state.last.shape[0]
     num_slots = state.cache.k.shape[2]
 

@@ -240,12 +240,13 @@ def decoder_layer(config: LlamaConfig, layer: dict, x, cache_k, cache_v, cos, si
 
 
 def unstack_layers(params) -> dict:
-    """The same params with `layers` as a tuple of N per-layer dicts (call outside jit, once).
+    """The same params with `layers` as a tuple of N per-layer dicts.
 
     `forward` accepts both forms. Stacked layers run under `lax.scan` (fast to compile), but XLA
-    copies each layer's weights out of the stacked arrays on every step, so a weight-bound decode
-    step moves about 3x the weight bytes. Separate per-layer arrays are read in place: use them
-    for decoding; the stacked form stays the storage layout (loaders, checkpoints).
+    copies each layer's weights out of the stacked arrays on every call, so a weight-bound decode
+    step moves about 3x the weight bytes. Separate per-layer arrays are read in place. Call this
+    once outside jit, or inside a jit before a decode loop (the slices are then taken once per
+    call, outside the loop); the stacked form stays the storage layout (loaders, checkpoints).
     """
     layers = params["layers"]
     if not isinstance(layers, dict):
