@@ -126,9 +126,8 @@ def teacher_log_probs(teacher_head, teacher_hidden, vocab_map):
     With a reduced vocabulary the LLM's distribution is restricted to the K kept tokens and
     renormalized, so the KL compares distributions over the same support.
     """
-    logits = teacher_hidden.astype(jnp.float32) @ teacher_head.astype(jnp.float32).T
-    if vocab_map is not None:
-        logits = logits[:, vocab_map]
+    rows = teacher_head if vocab_map is None else teacher_head[vocab_map]
+    logits = teacher_hidden.astype(jnp.float32) @ rows.astype(jnp.float32).T
     return jax.nn.log_softmax(logits, axis=-1)
 
 
