@@ -85,12 +85,14 @@ def _job(pool_or_engine, prompts, batch_size: int, ray_pool: bool) -> tuple[floa
     return seconds, summary
 
 
-def _prompts(n: int, tag: str):
+def _prompts(n: int, tag: str, uniform: bool = False):
+    """Prompts of 1-4 phrases; `uniform`: all of one length, so a real engine compiles one
+    batch shape (in the warm-up) and the timed run measures decoding, not compilation."""
     from pipeline.prompts import PromptItem
 
-    return [
-        PromptItem(id=f"{tag}{i}", prompt="a few words of prompt " * (1 + i % 4)) for i in range(n)
-    ]
+    phrase = "a few words of prompt "
+    return [PromptItem(id=f"{tag}{i}", prompt=phrase * (1 if uniform else 1 + i % 4))
+            for i in range(n)]  # fmt: skip
 
 
 def _overhead(factory, workers: int, args) -> float:
@@ -120,8 +122,8 @@ def _throughput(factory, workers: int, n: int, batch_size: int) -> dict:
     pool = start_workers(factory, workers, WorkerResources(cpu_devices=1), timeout_s=900)
     try:
         # Warm-up: one batch per worker (a real engine compiles on its first batch).
-        _job(pool, _prompts(batch_size * workers, "warm"), batch_size, ray_pool=True)
-        seconds, summary = _job(pool, _prompts(n, "t"), batch_size, ray_pool=True)
+        _job(pool, _prompts(batch_size * workers, "warm", True), batch_size, ray_pool=True)
+        seconds, summary = _job(pool, _prompts(n, "t", True), batch_size, ray_pool=True)
     finally:
         pool.shutdown()
     return {
