@@ -1,7 +1,7 @@
 """The Ray layer on one embedded local Ray (shared by the module): dispatch, faults, resume.
 
-Uses the echo test engine (cluster/testing.py) so what is measured is the coordinator and the
-actors, not a model; the end-to-end test with the real tiny engine is in test_cluster_engine.py.
+Uses the echo test engine (cluster/testing.py) so what is tested is the coordinator and the
+actors, not a model; the last Ray test runs the real engine on a tiny random model end to end.
 """
 
 import functools
