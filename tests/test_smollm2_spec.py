@@ -19,7 +19,7 @@ def test_smollm2_speculative_greedy_equals_autoregressive():
         beam=BeamConfig(2, 3), max_new_tokens=16, devices=2, batch_size=2, time_phases=False
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no shipped drafter yet: an untrained one is fine here
+        warnings.simplefilter("ignore")  # without the shipped drafter an untrained one is fine
         engine = Engine.from_config(config)
     items = [
         PromptItem(id="short", prompt="What is 2+2?"),
