@@ -326,22 +326,31 @@ def commit(cache: KVCache, new_k, new_v, take, count) -> KVCache:
     Row `b` writes `new_*[:, b, take[b, j]]` into slot `lengths[b] + j` for `j < count[b]`, then
     `lengths += count`. The caller sizes the cache: slots past `S` are dropped.
 
-    Written as one select over the cache rather than a scatter: inside a decode loop XLA (CPU)
-    copied the whole cache twice around the scatter, while the select is one fused in-place pass.
+    A few tokens (decode, accepted drafts) are written with one select per token over the cache,
+    fused into a single in-place pass: inside a decode loop XLA (CPU) copied the whole cache twice
+    around a scatter. Longer blocks (prefill, outside loops) use the scatter.
     """
-    lengths = cache.lengths + count
     b, t = take.shape
-    if t == 0:
-        return cache._replace(lengths=lengths)
-    # j[b, s]: which chosen entry lands in slot s; only 0 <= j < count[b] is written.
-    j = jnp.arange(cache.k.shape[2])[None, :] - cache.lengths[:, None]
-    hit = ((j >= 0) & (j < count[:, None]))[None, :, :, None, None]
-    src = jnp.take_along_axis(take, jnp.clip(j, 0, t - 1), axis=1)[None, :, :, None, None]
+    picked = lambda new: jnp.take_along_axis(new, take[None, :, :, None, None], axis=2)
+    if t > FLAT_CACHE_MAX_T:
+        j = jnp.arange(t)[None, :]
+        # Entries past `count` go to slot S, which `mode="drop"` discards.
+        slots = jnp.where(j < count[:, None], cache.lengths[:, None] + j, cache.k.shape[2])
+        rows = jnp.arange(b)[:, None]
+        write = lambda buf, new: buf.at[:, rows, slots].set(
+            picked(new).astype(buf.dtype), mode="drop"
+        )
+    else:
+        slot = jnp.arange(cache.k.shape[2])[None, :]
 
-    def write(buf, new):
-        return jnp.where(hit, jnp.take_along_axis(new, src, axis=2).astype(buf.dtype), buf)
+        def write(buf, new):
+            new = picked(new).astype(buf.dtype)
+            for j in range(t):
+                hit = (slot == (cache.lengths + j)[:, None]) & (j < count)[:, None]
+                buf = jnp.where(hit[None, :, :, None, None], new[:, :, j : j + 1], buf)
+            return buf
 
-    return KVCache(write(cache.k, new_k), write(cache.v, new_v), lengths)
+    return KVCache(write(cache.k, new_k), write(cache.v, new_v), cache.lengths + count)
 
 
 def _causal_mask_seq(length, num_slots: int, valid):

@@ -274,14 +274,15 @@ def test_flat_cache_attention_equals_batched_heads():
     )
 
 
-def test_commit_writes_exactly_the_chosen_tokens():
-    n, b, s, t, h, d = 2, 3, 6, 4, 2, 3
+@pytest.mark.parametrize("width", [3, 6])  # the select path (<= FLAT_CACHE_MAX_T), the scatter
+def test_commit_writes_exactly_the_chosen_tokens(width):
+    n, b, s, t, h, d = 2, 3, 10, 8, 2, 3
     rng = np.random.default_rng(5)
     k0, v0 = rng.normal(size=(2, n, b, s, h, d)).astype(np.float32)
     new_k, new_v = rng.normal(size=(2, n, b, t, h, d)).astype(np.float32)
-    lengths = np.asarray([1, 4, 0], np.int32)
-    take = np.asarray([[2, 0, 3], [3, 1, 1], [0, 0, 0]], np.int32)
-    count = np.asarray([3, 2, 0], np.int32)  # row 1 fills the cache exactly
+    lengths = np.asarray([1, s - 2, 0], np.int32)
+    take = rng.integers(0, t, size=(b, width)).astype(np.int32)
+    count = np.asarray([width, 2, 0], np.int32)  # row 1 fills the cache exactly
     out = commit(
         KVCache(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(lengths)),
         jnp.asarray(new_k),
