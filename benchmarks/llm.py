@@ -14,8 +14,8 @@ step (`2 * B * matmul params` FLOPs at the fp32 matmul peak) and of prefill.
 
 Weights: the default model (SmolLM2-135M-Instruct, dequantized to fp32) when it has been fetched,
 else (or with `--random`) random weights of its shape; timing does not depend on the values.
-Layers are unstacked for decoding (see `pipeline.llm.unstack_layers`); `--stacked` times the
-scanned form instead.
+Layers are unstacked once before timing (see `pipeline.llm.unstack_layers`); `decode` would
+split stacked layers itself, before its loop.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="P, tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="M, tokens generated per row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--stacked", action="store_true", help="run layers under lax.scan")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
     parser.add_argument("--quick", action="store_true", help="one timed run, a smaller probe")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,8 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     repeats, warmup = (1, 1) if args.quick else (args.repeats, 1)
     speed: MachineSpeed = machine_mod.measure(quick=args.quick)
     config, params, source = _load(args)
-    if not args.stacked:
-        params = unstack_layers(params)
+    params = unstack_layers(params)
     results = []
     for batch in args.batches:
         log(f"llm: batch {batch}, prompt {args.prompt_len}, new {args.new_tokens} ...")
@@ -157,7 +155,6 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "llm",
         "model": source,
         "dtype": args.dtype,
-        "layers": "stacked (lax.scan)" if args.stacked else "unstacked",
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "machine": speed.to_json(),
