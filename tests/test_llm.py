@@ -335,3 +335,18 @@ def test_bad_config_and_shapes_are_named():
             cache,
             jnp.ones((1, 2, 5), bool),
         )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bench_cost_model_counts_the_params(tied):
+    """benchmarks/llm.py's bound: every matmul weight once per token, every byte read per step."""
+    from benchmarks.llm import _costs
+
+    cfg = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
+    params = init_params(cfg, jax.random.key(0))
+    cost = _costs(cfg, params, batch=1)
+    matmul = sum(w.size for w in params["layers"].values() if w.ndim == 3)
+    head = params["embed"] if tied else params["lm_head"]
+    assert cost["flops_per_token"] == 2 * (matmul + head.size)
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert cost["weight_bytes"] == total - (0 if tied else params["embed"].nbytes)
