@@ -74,7 +74,7 @@ def _load(args):
     return config, init_params(config, jax.random.key(args.seed), dtype), "random (SmolLM2 shape)"
 
 
-def _costs(config, params, batch: int) -> dict:
+def _costs(config, params) -> dict:
     """Bytes one decode step must read and matmul FLOPs per token."""
     import jax
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     for batch in args.batches:
         log(f"llm: batch {batch}, prompt {args.prompt_len}, new {args.new_tokens} ...")
         times = _time_batch(config, params, batch, args, repeats, warmup)
-        cost = _costs(config, params, batch)
+        cost = _costs(config, params)
         steps = args.new_tokens - 1
         step_s = times["decode_s"] / steps
         bound_s = cost["weight_bytes"] / (speed.gbps * 1e9)
@@ -158,6 +158,6 @@ def run(args: argparse.Namespace) -> dict:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "machine": speed.to_json(),
-        "weight_bytes": _costs(config, params, 1)["weight_bytes"],
+        "weight_bytes": _costs(config, params)["weight_bytes"],
         "results": results,
     }

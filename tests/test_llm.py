@@ -344,7 +344,7 @@ def test_bench_cost_model_counts_the_params(tied):
 
     cfg = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
     params = init_params(cfg, jax.random.key(0))
-    cost = _costs(cfg, params, batch=1)
+    cost = _costs(cfg, params)
     matmul = sum(w.size for w in params["layers"].values() if w.ndim == 3)
     head = params["embed"] if tied else params["lm_head"]
     assert cost["flops_per_token"] == 2 * (matmul + head.size)
