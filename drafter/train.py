@@ -37,7 +37,8 @@ class Window(NamedTuple):
     llm_state: [D] the LLM's hidden state h_t (after its final norm).
     tokens: [L+1] int32 target ids x_{t+1..t+L+1}; column 0 is the LLM's token.
     mask: [L] bool, label k (= tokens[k+1]) is a real token, not padding past the answer's end.
-    teacher_hidden: [L, D] the LLM's hidden states at t+1..t+L (for the KL term), or None.
+    teacher_hidden: [L, D] the LLM's hidden states at t+1..t+L, from which it produced the L
+        labels tokens[1:] (for the KL term), or None.
     """
 
     llm_state: jax.Array
@@ -56,6 +57,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     kl_weight: float = 0.0
+    # Gaussian noise added to the LLM state, as a fraction of its RMS: with little data the
+    # drafter otherwise memorizes continuations keyed on exact training states.
+    state_noise: float = 0.0
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -68,6 +72,8 @@ class TrainConfig:
             )
         if self.kl_weight < 0:
             raise ValueError(f"TrainConfig.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.state_noise < 0:
+            raise ValueError(f"TrainConfig.state_noise must be >= 0, got {self.state_noise}")
 
 
 class TrainState(NamedTuple):
@@ -176,14 +182,24 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def make_train_step(config: DrafterConfig, train: TrainConfig, optimizer):
-    """-> step(state, target, teacher_head, windows) -> (state, Metrics), not yet jitted.
+def noisy_states(key, llm_states, scale):
+    """key, [B, D], [] -> [B, D]: each state plus N(0, (scale * its RMS)^2) noise."""
+    rms = jnp.sqrt(jnp.mean(jnp.square(llm_states), axis=-1, keepdims=True))
+    return llm_states + scale * rms * jax.random.normal(key, llm_states.shape, llm_states.dtype)
 
-    The caller jits it (with shardings: params replicated, windows split on the batch axis); the
-    mean over the batch then becomes a cross-device reduction without any code here.
+
+def make_train_step(config: DrafterConfig, train: TrainConfig, optimizer):
+    """-> step(state, target, teacher_head, windows, key) -> (state, Metrics), not yet jitted.
+
+    `key` drives the state noise only (derive it from the step number so a resumed run repeats
+    it). The caller jits the step (params replicated, windows split on the batch axis); the mean
+    over the batch then becomes a cross-device reduction without any code here.
     """
 
-    def step(state: TrainState, target, teacher_head, windows: Window):
+    def step(state: TrainState, target, teacher_head, windows: Window, key):
+        if train.state_noise > 0:
+            noisy = noisy_states(key, windows.llm_state, train.state_noise)
+            windows = windows._replace(llm_state=noisy)
         grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
         (_, metrics), grads = grad_fn(
             state.params, config, target, teacher_head, train.kl_weight, windows

@@ -110,14 +110,16 @@ def window_starts(data: DistillData) -> np.ndarray:
 
 def gather_windows(data: DistillData, starts: np.ndarray, length: int, teacher: bool) -> Window:
     """[B] flat indices -> Window batch (numpy): llm_state [B, D] f32, tokens [B, L+1],
-    mask [B, L], teacher_hidden [B, L, D] or None. Positions past an answer's end are masked."""
+    mask [B, L], teacher_hidden [B, L, D] (the states that produced the L labels) or None.
+    Positions past an answer's end are masked."""
     seq = np.searchsorted(data.offsets, starts, side="right") - 1
     end = data.offsets[seq + 1]
     idx = starts[:, None] + np.arange(length + 1)[None, :]
     inside = idx < end[:, None]
     safe = np.where(inside, idx, starts[:, None])
     tokens = np.where(inside, data.answer[safe], 0).astype(np.int32)
-    teacher_hidden = data.hidden[safe[:, :-1]].astype(np.float32) if teacher else None
+    # Label k is answer[j+1+k], which the LLM produced from hidden[j+1+k].
+    teacher_hidden = data.hidden[safe[:, 1:]].astype(np.float32) if teacher else None
     return Window(data.hidden[starts].astype(np.float32), tokens, inside[:, 1:], teacher_hidden)
 
 

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--warmup", type=int, default=RunSpec.warmup, help="warmup steps")
     a("--weight-decay", type=float, default=0.0)
     a("--kl-weight", type=float, default=0.0, help="weight of KL(LLM || drafter) beside the CE")
+    a("--state-noise", type=float, default=RunSpec.state_noise,
+      help="train-time Gaussian noise on the LLM state, as a fraction of its RMS")  # fmt: skip
     a("--width", type=int, default=RunSpec.width, help="beam width W for evaluation")
     a("--length", type=int, default=RunSpec.length, help="draft length L (train and eval)")
     a("--layers", type=int, default=RunSpec.num_draft_layers, help="drafter ResBlocks")
@@ -78,6 +80,7 @@ def _spec(args, llm_config) -> RunSpec:
         warmup=min(args.warmup, args.steps),
         weight_decay=args.weight_decay,
         kl_weight=args.kl_weight,
+        state_noise=args.state_noise,
         width=args.width,
         length=args.length,
         num_draft_layers=args.layers,

@@ -44,6 +44,7 @@ class RunSpec:
     warmup: int = 50
     weight_decay: float = 0.0
     kl_weight: float = 0.0
+    state_noise: float = 0.0
     width: int = 8
     length: int = 4
     num_draft_layers: int = 1
@@ -73,6 +74,7 @@ class RunSpec:
             total_steps=self.steps,
             weight_decay=self.weight_decay,
             kl_weight=self.kl_weight,
+            state_noise=self.state_noise,
         )
 
 
@@ -187,7 +189,7 @@ def train_loop(spec, config, state, target, teacher_head, data, mesh, manager, r
     rep, split = replicated(mesh), batch_sharding(mesh)
     step_fn = jax.jit(
         dtrain.make_train_step(config, tconfig, optimizer),
-        in_shardings=(rep, rep, rep, split),
+        in_shardings=(rep, rep, rep, split, rep),
         out_shardings=(rep, rep),
         donate_argnums=0,
     )
@@ -198,7 +200,8 @@ def train_loop(spec, config, state, target, teacher_head, data, mesh, manager, r
         for step in range(first, spec.steps):
             idx = distill.batch_indices(len(starts), spec.batch, step, spec.seed)
             windows = _placed_windows(data, starts[idx], spec, split)
-            state, metrics = step_fn(state, target, teacher_head, windows)
+            key = jax.random.fold_in(jax.random.key(spec.seed), step)
+            state, metrics = step_fn(state, target, teacher_head, windows, key)
             bar.set_postfix(speed.update(float(metrics.loss), int(metrics.count.sum())))
             bar.update(1)
             if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
