@@ -32,7 +32,7 @@ from drafter.sampling import SamplingConfig, sample
 from pipeline import tree as tree_lib
 from pipeline.accept import AcceptanceRule, TreeMatch
 from pipeline.generate import PAD_ID, prefill
-from pipeline.llm import KVCache, LlamaConfig, commit, forward, init_cache
+from pipeline.llm import KVCache, LlamaConfig, commit, forward, init_cache, unstack_layers
 
 
 class DraftInputs(NamedTuple):
@@ -183,7 +183,12 @@ def _accept_commit(state: SpecState, drafts: Drafts, trees, out, rule, keys, eos
 
 def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, draft_fn: DraftFn,
            rule: AcceptanceRule, eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
-    """Run draft -> verify -> accept until every row is done."""
+    """Run draft -> verify -> accept until every row is done.
+
+    Stacked layers are split once, before the loop (see `pipeline.llm.unstack_layers`): under
+    `lax.scan` XLA copies every layer's weights out of the stacked arrays on each verify call.
+    """
+    llm_params = unstack_layers(llm_params)
 
     def step(state: SpecState) -> SpecState:
         draft_keys, accept_keys = _row_keys(state)
