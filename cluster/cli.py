@@ -26,6 +26,26 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback, exit status 2."""
 
 
+# Errors raised by lower layers whose message already says what is wrong and how to fix it
+# (file, tensor, line); the CLI prints them like UserError instead of a traceback.
+USER_ERRORS = {
+    "pipeline.models": "ModelNotFoundError",
+    "pipeline.gguf_file": "ModelFileError",
+    "pipeline.checkpoint": "CheckpointError",
+    "pipeline.drafter_io": "DrafterCheckpointError",
+    "pipeline.prompts": "PromptFileError",
+}
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The classes of USER_ERRORS whose modules the command has already imported."""
+    found = [UserError]
+    for module, name in USER_ERRORS.items():
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def build_parser(modules: dict[str, object]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdraft",
@@ -50,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(modules).parse_args(argv)
     try:
         status = modules[args.command].run(args)
-    except UserError as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"specdraft {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
