@@ -146,15 +146,20 @@ STANDALONE = [
 ]
 
 
-def build(seed: int = 0, n_train: int = 320, n_heldout: int = 64) -> tuple[list, list]:
+def build(seed: int = 0, n_train: int = 320, n_heldout: int = 64, n_extra: int = 320):
+    """-> (train rows, held-out rows). The first n_train + n_heldout prompts are split as
+    shuffled; `n_extra` further (template, topic) pairs, none used by the held-out split, are
+    appended to the training split (so earlier rows and their cached answers never change)."""
     rng = random.Random(seed)
     pairs = [(tm, tp) for tm in TEMPLATES for tp in TOPICS]
     rng.shuffle(pairs)
     n_templated = n_train + n_heldout - len(STANDALONE)
     prompts = [tm.format(t=tp) for tm, tp in pairs[:n_templated]] + STANDALONE
     rng.shuffle(prompts)
-    rows = [{"id": f"p{i:04d}", "prompt": p} for i, p in enumerate(prompts)]
-    return rows[:n_train], rows[n_train:]
+    extra = [tm.format(t=tp) for tm, tp in pairs[n_templated : n_templated + n_extra]]
+    rows = [{"id": f"p{i:04d}", "prompt": p} for i, p in enumerate(prompts + extra)]
+    n = n_train + n_heldout
+    return rows[:n_train] + rows[n:], rows[n_train:n]
 
 
 def main() -> None:
