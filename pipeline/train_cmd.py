@@ -48,8 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="peak learning rate (warmup + cosine)",
     )
     a("--warmup", type=int, default=RunSpec.warmup, help="warmup steps")
-    a("--weight-decay", type=float, default=0.0)
-    a("--kl-weight", type=float, default=0.0, help="weight of KL(LLM || drafter) beside the CE")
+    a("--weight-decay", type=float, default=RunSpec.weight_decay)
+    a(
+        "--kl-weight",
+        type=float,
+        default=RunSpec.kl_weight,
+        help="weight of KL(LLM || drafter) beside the CE",
+    )
     a("--state-noise", type=float, default=RunSpec.state_noise,
       help="train-time Gaussian noise on the LLM state, as a fraction of its RMS")  # fmt: skip
     a("--width", type=int, default=RunSpec.width, help="beam width W for evaluation")

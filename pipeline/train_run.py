@@ -36,21 +36,24 @@ from sharding.mesh import batch_sharding, make_mesh, replicate, replicated
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that determines a training run's result (besides the data)."""
+    """Everything that determines a training run's result (besides the data).
 
-    steps: int = 800
+    The defaults are the shipped SmolLM2 drafter's; (width, length) is the engine's default beam.
+    """
+
+    steps: int = 1000
     batch: int = 128
     learning_rate: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.0
-    kl_weight: float = 0.0
-    state_noise: float = 0.0
-    width: int = 8
-    length: int = 4
+    kl_weight: float = 1.0
+    state_noise: float = 0.3
+    width: int = 2
+    length: int = 3
     num_draft_layers: int = 1
     exit_dim: int | None = None
     tie_lm_head: bool = True
-    draft_vocab_size: int | None = 4096
+    draft_vocab_size: int | None = 8192
     seed: int = 0
     save_every: int = 100
     keep: int = 3
