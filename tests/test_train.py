@@ -297,3 +297,37 @@ def test_drafter_folder_round_trip_onto_a_mesh_and_mismatch_errors(tmp_path):
         load_drafter(tmp_path / "d", dataclasses.replace(TINY, vocab_size=V))
     with pytest.raises(DrafterCheckpointError, match="vocab_size=64.*vocab_size=96"):
         load_drafter(tmp_path / "d", dataclasses.replace(TINY, hidden_size=D))
+
+
+@pytest.mark.slow
+def test_shipped_drafter_fits_smollm2_and_predicts_its_greedy_continuation():
+    from drafter.config import BeamConfig
+    from drafter.drafting import beam_search
+    from drafter.sampling import SamplingConfig
+    from pipeline.drafter_io import DEFAULT_DRAFTER, target_embeddings
+    from pipeline.generate import generate
+    from pipeline.models import require_model
+    from pipeline.tokenizer import Tokenizer
+    from pipeline.weights import load_gguf
+
+    path = require_model()
+    config, params = load_gguf(path)
+    shipped = load_drafter(DEFAULT_DRAFTER, config)
+    assert shipped.config.tie_lm_head and shipped.config.hidden_size == config.hidden_size
+    assert set(config.eos_token_ids) <= set(np.asarray(shipped.vocab_map).tolist())
+    assert shipped.info["eval"]["mean_tokens_per_call"] > 1.5  # as measured when exported
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    ids = Tokenizer.from_gguf(path).encode_chat(messages)
+    gen = generate(params, config, jnp.asarray([ids]), jnp.asarray([len(ids)]),
+                   SamplingConfig(), jax.random.key(0), 24)  # fmt: skip
+    answer = np.asarray(gen.tokens[0, : int(gen.lengths[0])])
+    full = jnp.asarray([ids + answer.tolist()])
+    hidden = distill.hidden_states(params, config, full, jnp.asarray([full.shape[1]]))[0]
+    target = target_embeddings(params, shipped.config, jnp.asarray(shipped.vocab_map))
+    accepted = []
+    for j in range(len(answer) - 4):
+        drafts = beam_search(shipped.params, shipped.config, target, hidden[len(ids) - 1 + j],
+                             answer[j], BeamConfig(8, 3))  # fmt: skip
+        accepted.append(int(dtrain.accepted_length(drafts.tokens, jnp.asarray(answer[j : j + 4]))))
+    # An untrained drafter accepts ~nothing; the shipped one agrees with the LLM regularly.
+    assert np.mean(accepted) > 0.5, accepted
