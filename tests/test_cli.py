@@ -1,0 +1,190 @@
+"""The `specdraft` command line driven as a user drives it: subprocesses, exit codes, stdout and
+stderr. Error paths must exit 2 with a one-line message that says how to fix the problem and no
+traceback. (Malformed prompt lines and an unreachable Ray cluster are covered in
+tests/test_cluster_job.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import pre_tokenizers
+
+from benchmarks.cli import BENCHMARKS
+from cluster.cli import COMMANDS
+from pipeline.drafter_io import DEFAULT_DRAFTER
+from tests.llama_files import gguf_tensors, hf_config, random_hf_tensors, write_gguf
+
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+ENV.update(RAY_AUTH_MODE="disabled", JAX_PLATFORMS="cpu")
+SPECDRAFT = Path(sys.executable).parent / "specdraft"
+
+
+def cli(*argv, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=env or ENV)  # fmt: skip
+
+
+def assert_user_error(result, *needles):
+    """Exit 2, one `specdraft CMD: error: ...` line on stderr containing every needle."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specdraft "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama GGUF with a byte-level tokenizer (hidden 32): loads in a second, and
+    fits no shipped drafter."""
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += sorted(pre_tokenizers.ByteLevel.alphabet()) + ["hi"]
+    meta = {"model": "gpt2", "pre": "smollm", "tokens": tokens, "merges": ["h i"],
+            "token_type": [3, 3, 3] + [1] * (len(tokens) - 3)}  # fmt: skip
+    cfg = {**hf_config(tied=True), "vocab_size": len(tokens)}
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    return write_gguf(path, cfg, gguf_tensors(cfg, random_hf_tensors(cfg)), tokenizer=meta)
+
+
+@pytest.fixture
+def io(tmp_path) -> list[str]:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    return ["--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
+
+
+def test_both_entry_points_are_the_same_cli_and_list_every_subcommand():
+    via_module = cli("--help")
+    via_script = subprocess.run([str(SPECDRAFT), "--help"], capture_output=True, text=True,
+                                timeout=60, env=ENV)  # fmt: skip
+    assert via_module.returncode == via_script.returncode == 0
+    assert via_module.stdout == via_script.stdout
+    assert via_module.stdout.startswith("usage: specdraft")
+    for name, (_, help_text) in COMMANDS.items():
+        assert name in via_module.stdout and help_text in via_module.stdout
+    # No subcommand: argparse's usage error, exit 2, from both.
+    bare = subprocess.run([str(SPECDRAFT)], capture_output=True, text=True, timeout=60, env=ENV)
+    assert bare.returncode == 2 and "COMMAND" in bare.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, flags",
+    [
+        (["generate"], ["--prompts", "--out", "--model", "--drafter", "--address", "--local",
+                        "--workers", "--plot", "--width", "--length", "--temperature"]),
+        (["draft"], ["--prompts", "--out", "--model", "--drafter", "--width", "--length"]),
+        (["train"], ["--model", "--out", "--export", "--steps", "--batch", "--lr", "--width"]),
+        (["bench"], list(BENCHMARKS)),
+        (["bench", "decode"], ["--out", "--model", "--batches", "--beams"]),
+        (["bench", "drafter"], ["--out", "--shapes", "--batches", "--beams"]),
+        (["bench", "llm"], ["--out", "--batches", "--dtype"]),
+        (["bench", "cluster"], ["--out"]),
+        (["info"], ["--model", "--drafter", "--address", "--json"]),
+        (["fetch-model"], ["--cache", "--wheel", "--force"]),
+    ],
+)  # fmt: skip
+def test_every_subcommand_help_explains_its_flags(argv, flags):
+    result = cli(*argv, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: specdraft {' '.join(argv)}")
+    listed = re.findall(r"^  (--[a-z][\w-]*)", result.stdout, re.MULTILINE)
+    assert set(flags) - set(BENCHMARKS) <= set(listed)
+    for flag in {*flags, *listed}:  # the main flags, and every other option, are explained
+        assert len(_help_text(result.stdout, flag)) > 5, (flag, result.stdout)
+
+
+def test_info_json_describes_devices_model_and_drafter(tiny_model, tmp_path):
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = cli("info", "--json", "--model", str(tiny_model), env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    devices = report["devices"]
+    assert devices["backend"] == "cpu" and devices["count"] == len(devices["devices"]) == 4
+    assert devices["mesh"] and _product(devices["mesh"].values()) == 4
+    model = report["model"]
+    assert model["path"] == str(tiny_model) and "error" not in model
+    assert (model["hidden_size"], model["num_layers"], model["vocab_size"]) == (32, 2, 260)
+    shipped = json.loads((DEFAULT_DRAFTER / "drafter.json").read_text())
+    assert report["drafter"]["path"] == str(DEFAULT_DRAFTER)
+    assert report["drafter"]["llm"] == shipped["llm"]
+    assert report["ray"]["connected"] is False and "--address" in report["ray"]["hint"]
+
+
+def test_info_without_a_fetched_model_says_how_to_fetch_it(tmp_path):
+    env = {**ENV, "SPECDRAFT_CACHE": str(tmp_path / "empty-cache")}
+    result = cli("info", "--drafter", str(tmp_path / "nowhere"), env=env)
+    assert result.returncode == 0, result.stderr  # info reports problems, it does not fail
+    sections = result.stdout.split("\n")
+    assert "model:" in sections and "drafter:" in sections and "devices:" in sections
+    model = result.stdout.split("model:")[1].split("drafter:")[0]
+    assert str(tmp_path / "empty-cache") in model and "specdraft fetch-model" in model
+    drafter = result.stdout.split("drafter:")[1]
+    assert str(tmp_path / "nowhere") in drafter and "not found" in drafter
+
+
+def test_generate_with_a_missing_model_names_the_fetch_command(io, tmp_path):
+    result = cli("generate", *io, "--model", str(tmp_path / "absent.gguf"))
+    assert_user_error(result, str(tmp_path / "absent.gguf"), "specdraft fetch-model")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_with_a_missing_drafter_folder_names_it_and_the_fix(io, tiny_model, tmp_path):
+    missing = tmp_path / "no-drafter"
+    result = cli("generate", *io, "--model", str(tiny_model), "--drafter", str(missing))
+    assert_user_error(result, f"drafter folder {missing} not found", "specdraft train")
+
+
+def test_generate_with_a_drafter_for_another_model_says_so(io, tiny_model):
+    # The shipped drafter is SmolLM2's (hidden 576); the tiny model's hidden size is 32.
+    result = cli("draft", *io, "--model", str(tiny_model))
+    assert_user_error(result, str(DEFAULT_DRAFTER), "hidden_size=576", "hidden_size=32",
+                      "specdraft train")  # fmt: skip
+
+
+def test_generate_with_a_missing_prompt_file_names_it(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = cli("generate", "--prompts", str(missing), "--out", str(tmp_path / "o.jsonl"))
+    assert_user_error(result, str(missing), "no such prompt file")
+
+
+def test_train_with_a_missing_model_names_the_fetch_command(tmp_path):
+    result = cli("train", "--model", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "r"))
+    assert_user_error(result, str(tmp_path / "absent.gguf"), "specdraft fetch-model")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_with_an_unknown_benchmark_lists_the_known_ones():
+    result = cli("bench", "nosuch")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "invalid choice: 'nosuch'" in result.stderr
+    assert all(repr(name) in result.stderr for name in BENCHMARKS)
+    assert result.stdout == ""
+
+
+def _help_text(usage: str, flag: str) -> str:
+    """The explanation argparse prints for `flag` (on its line, or the next if the flag and its
+    metavar are long); "" if the flag is listed without one."""
+    lines = usage.splitlines()
+    pattern = re.compile(rf"\s+{re.escape(flag)}(?:[ ,].*?)?(?:\s{{2,}}(\S.*))?$")
+    for i, line in enumerate(lines):
+        match = pattern.match(line)
+        if match:
+            if match.group(1):
+                return match.group(1)
+            following = lines[i + 1] if i + 1 < len(lines) else ""
+            return following.strip() if following.startswith(" " * 8) else ""
+    raise AssertionError(f"{flag} not listed in:\n{usage}")
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
