@@ -83,6 +83,11 @@ def load_drafter(path=None, llm_config=None, sharding=None) -> LoadedDrafter:
     check. sharding: a jax Sharding to place every array on (e.g. replicated over a mesh).
     """
     path = Path(DEFAULT_DRAFTER if path is None else path).absolute()
+    if not path.is_dir():
+        raise DrafterCheckpointError(
+            f"drafter folder {path} not found; give an existing one (the shipped drafter is "
+            f"{DEFAULT_DRAFTER}) or train one with `specdraft train --export {path}`"
+        )
     try:
         config = load_config(path, DrafterConfig)
         if llm_config is not None:
