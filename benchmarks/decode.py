@@ -42,7 +42,8 @@ def parse_beam(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF / HF folder (default: SmolLM2)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: shipped)")
-    parser.add_argument("--batches", nargs="+", type=int, default=(1, 8), metavar="B")
+    parser.add_argument("--batches", nargs="+", type=int, default=(1, 8), metavar="B",
+                        help="prompts per batch, one case each (default: 1 8)")  # fmt: skip
     parser.add_argument(
         "--beams",
         nargs="+",
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="WxL",
         help="beam width x draft length (default: 1x4 2x3 4x4)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
     parser.add_argument("--devices", type=int, default=1, help="local devices to shard over")
 
 

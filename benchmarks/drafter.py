@@ -77,8 +77,10 @@ def parse_beam(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=DEFAULT_SHAPES)
-    parser.add_argument("--batches", nargs="+", type=int, default=(1, 8), metavar="B")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=DEFAULT_SHAPES,
+                        help="drafter sizes to time")  # fmt: skip
+    parser.add_argument("--batches", nargs="+", type=int, default=(1, 8), metavar="B",
+                        help="sequences per batch, one case each (default: 1 8)")  # fmt: skip
     default_beams = " ".join(DEFAULT_BEAMS)
     parser.add_argument(
         "--beams",
@@ -92,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="one timed run per case, a smaller machine probe"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random drafter weights and inputs")
 
 
 def _setup(shape: Shape, seed: int):

@@ -45,13 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="a .gguf file or HF folder (default: SmolLM2)"
     )
     parser.add_argument("--random", action="store_true", help="random weights of SmolLM2's shape")
-    parser.add_argument("--batches", nargs="+", type=int, default=(1, 8), metavar="B")
+    parser.add_argument("--batches", nargs="+", type=int, default=(1, 8), metavar="B",
+                        help="prompts per batch, one case each (default: 1 8)")  # fmt: skip
     parser.add_argument("--prompt-len", type=int, default=128, help="P, tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="M, tokens generated per row")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weight and activation dtype")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
     parser.add_argument("--quick", action="store_true", help="one timed run, a smaller probe")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random weights and prompts")
 
 
 def _load(args):

@@ -27,12 +27,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=DEFAULTS.beam.width, help="beam width W")
     g.add_argument("--length", type=int, default=DEFAULTS.beam.length, help="draft length L")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                   help="answer length cap")  # fmt: skip
     g.add_argument("--devices", type=int, default=None, help="local devices (default: all)")
-    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                   help="prompts decoded together")  # fmt: skip
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="sampling key (temperature > 0)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="peak learning rate (warmup + cosine)",
     )
     a("--warmup", type=int, default=RunSpec.warmup, help="warmup steps")
-    a("--weight-decay", type=float, default=RunSpec.weight_decay)
+    a("--weight-decay", type=float, default=RunSpec.weight_decay, help="AdamW weight decay")
     a(
         "--kl-weight",
         type=float,
