@@ -60,14 +60,6 @@ def log(msg: str) -> None:
     print(f"[bench decode] {msg}", file=sys.stderr, flush=True)
 
 
-def _timed_twice(fn):
-    """Compile + run, then a timed run: (seconds, result)."""
-    fn()
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def _load(args):
     from pipeline.drafter_io import DEFAULT_DRAFTER, load_drafter
     from pipeline.engine import fresh_drafter
@@ -86,22 +78,60 @@ def _load(args):
     return llm_config, llm_params, tokenizer, (d.config, d.params, d.vocab_map), str(drafter_path)
 
 
-def _ar_speed(engine, prompts, max_new: int) -> tuple[float, float]:
-    """(tokens/s, ms per decode step) of plain autoregressive decoding."""
+def _chunks(batch: int) -> list[list[str]]:
+    """Every prompt of PROMPTS once (cycled up to `batch` if larger), in batches of `batch`, so
+    batch 1 and batch 8 decode the same prompts and one short answer cannot decide a case."""
+    items = [PROMPTS[i % len(PROMPTS)] for i in range(max(batch, len(PROMPTS)))]
+    return [items[i : i + batch] for i in range(0, len(items), batch)]
+
+
+def _warm_then_time(fn, chunks):
+    """Run `fn` over every chunk once (compiles), then again timed: (seconds, outputs)."""
+    for chunk in chunks:
+        fn(chunk)
+    t0 = time.perf_counter()
+    outs = [fn(chunk) for chunk in chunks]
+    return time.perf_counter() - t0, outs
+
+
+def _ar_speed(engine, chunks, max_new: int) -> tuple[float, float]:
+    """(tokens/s, ms per decode step) of plain autoregressive decoding over all chunks."""
     import jax
-    import jax.numpy as jnp
 
     from pipeline.generate import generate
 
-    toks, lengths = engine._batch(prompts)
-    c = engine.llm_config
-    run = lambda: jax.block_until_ready(
-        generate(
-            engine.llm_params, c, toks, lengths, engine.config.sampling, jax.random.key(0), max_new
-        )
-    )
-    seconds, out = _timed_twice(run)
-    return float(jnp.sum(out.lengths)) / seconds, seconds * 1e3 / float(jnp.max(out.lengths))
+    def run(prompts):
+        toks, lengths = engine._batch(prompts)
+        out = generate(engine.llm_params, engine.llm_config, toks, lengths,
+                       engine.config.sampling, jax.random.key(0), max_new)  # fmt: skip
+        return jax.device_get(out)
+
+    seconds, outs = _warm_then_time(run, chunks)
+    tokens = sum(int(o.lengths.sum()) for o in outs)
+    steps = sum(int(o.lengths.max()) for o in outs)
+    return tokens / seconds, seconds * 1e3 / steps
+
+
+def _spec_row(engine, chunks, beam, batch: int, ar) -> dict:
+    """One result row: speculative decoding over all chunks, next to the AR figures."""
+    run = lambda prompts: engine.generate_ids(prompts, list(range(len(prompts))))[0]
+    seconds, outs = _warm_then_time(run, chunks)
+    hist = sum(o.accepted.sum(0) for o in outs)
+    draft_ms, verify_ms = engine.phase_times(chunks[0])
+    return {
+        "batch": batch,
+        "width": beam.width,
+        "length": beam.length,
+        "prompts": sum(len(c) for c in chunks),
+        "spec_tok_s": sum(int(o.lengths.sum()) for o in outs) / seconds,
+        "ar_tok_s": ar[0],
+        "speedup": sum(int(o.lengths.sum()) for o in outs) / seconds / ar[0],
+        "accepted_per_call": float((hist * (1 + np.arange(hist.size))).sum() / hist.sum()),
+        "draft_ms": draft_ms,
+        "verify_ms": verify_ms,
+        "spec_step_ms": seconds * 1e3 / sum(int(o.calls.max()) for o in outs),
+        "ar_step_ms": ar[1],
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -113,51 +143,21 @@ def run(args: argparse.Namespace) -> dict:
     log(f"drafter: {drafter_source}")
     results = []
     for batch in args.batches:
-        items = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in items]
+        chunks = [[tokenizer.encode_chat([{"role": "user", "content": p}]) for p in chunk]
+                  for chunk in _chunks(batch)]  # fmt: skip
         ar = None
         for beam in beams:
-            config = EngineConfig(
-                beam=beam,
-                max_new_tokens=args.max_new_tokens,
-                devices=args.devices,
-                batch_size=batch,
-            )
-            engine = Engine(
-                config,
-                llm_config,
-                llm_params,
-                drafter[0],
-                drafter[1],
-                drafter[2],
-                tokenizer,
-                drafter_source,
-            )
+            config = EngineConfig(beam=beam, max_new_tokens=args.max_new_tokens,
+                                  devices=args.devices, batch_size=batch)  # fmt: skip
+            engine = Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
             if ar is None:
-                ar = _ar_speed(engine, prompts, args.max_new_tokens)
-            ids = list(range(batch))
-            seconds, (out, _) = _timed_twice(
-                lambda e=engine, p=prompts, i=ids: e.generate_ids(p, i)
-            )
-            draft_ms, verify_ms = engine.phase_times(prompts)
-            hist = out.accepted.sum(0)
-            per_call = float((hist * (1 + np.arange(hist.size))).sum() / hist.sum())
-            row = {
-                "batch": batch,
-                "width": beam.width,
-                "length": beam.length,
-                "spec_tok_s": float(out.lengths.sum()) / seconds,
-                "ar_tok_s": ar[0],
-                "accepted_per_call": per_call,
-                "draft_ms": draft_ms,
-                "verify_ms": verify_ms,
-                "spec_step_ms": seconds * 1e3 / int(out.calls.max()),
-                "ar_step_ms": ar[1],
-            }
+                ar = _ar_speed(engine, chunks, args.max_new_tokens)
+            row = _spec_row(engine, chunks, beam, batch, ar)
             log(str(row))
             results.append(row)
     return {
         "drafter": drafter_source,
+        "prompts": list(PROMPTS),
         "max_new_tokens": args.max_new_tokens,
         "accepted_per_call_counts_bonus_token": True,
         "results": results,

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run every benchmark and write its JSON into OUTDIR (default out/bench).
+#   benchmarks/run_all.sh [OUTDIR]       (PY=python to use another interpreter)
+# The figures in README.md come from this script.
+set -euo pipefail
+out=${1:-out/bench}
+py=${PY:-.venv/bin/python}
+mkdir -p "$out"
+run() { echo "== specdraft bench $*" >&2; "$py" -m cluster bench "$@"; }
+run drafter --out "$out/drafter.json"
+run llm --batches 1 8 --out "$out/llm.json"
+run decode --batches 1 8 --beams 1x4 2x3 4x4 --out "$out/decode.json"
+if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi
