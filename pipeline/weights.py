@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from pipeline.gguf_file import ModelFileError, bos_token_id, eos_token_ids, field, open_gguf
 from pipeline.llm import LlamaConfig
@@ -85,6 +87,16 @@ def _assemble(
     """The params pytree from a tensor source; `names` maps embed/final_norm/lm_head to source
     names, `layer_name(i, key)` names layer i's tensor, `fix_layer` undoes source quirks."""
     d, v = config.hidden_size, config.vocab_size
+    total = 3 - config.tie_word_embeddings + len(_layer_shapes(config)) * config.num_layers
+    # A bar on a terminal only (disable=None): Ray workers and tests log no \r lines.
+    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=None, leave=False,
+               file=sys.stderr)  # fmt: skip
+    inner = fetch
+
+    def fetch(name, shape):
+        bar.update()
+        return inner(name, shape)
+
     params = {
         "embed": fetch(names["embed"], (v, d)),
         "final_norm": fetch(names["final_norm"], (d,)),
@@ -97,6 +109,7 @@ def _assemble(
         # Matrices are stored [out, in]; the model multiplies x @ w with w [in, out].
         layers[key] = np.stack([w.T if w.ndim == 2 else w for w in stack])
     params["layers"] = layers
+    bar.close()
     return _to_jax(params, dtype)
 
 
