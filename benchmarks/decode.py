@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from benchmarks import drafter as drafter_bench
+
 PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -30,13 +32,10 @@ PROMPTS = (
 
 
 def parse_beam(text: str):
+    """ "2x3" -> BeamConfig(2, 3), through the drafter benchmark's parser."""
     from drafter.config import BeamConfig
 
-    try:
-        w, length = (int(x) for x in text.lower().split("x"))
-        return BeamConfig(w, length)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxL like 4x4, got {text!r}") from None
+    return BeamConfig(*drafter_bench.parse_beam(text))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
