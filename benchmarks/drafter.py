@@ -66,14 +66,14 @@ def beam_search_cost(shape: Shape, batch: int, width: int, length: int) -> Cost:
 
 
 def parse_beam(text: str) -> tuple[int, int]:
-    """ "45x5" -> (45, 5) as (W, L)."""
+    """ "45x5" -> (45, 5) as (W, L) (`BeamConfig.parse`, as an argparse type)."""
+    from drafter.config import BeamConfig
+
     try:
-        width, length = (int(p) for p in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxL such as 45x5, got {text!r}") from None
-    if width < 1 or length < 1:
-        raise argparse.ArgumentTypeError(f"W and L must be >= 1, got {text!r}")
-    return width, length
+        beam = BeamConfig.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return beam.width, beam.length
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -82,3 +82,14 @@ class BeamConfig:
     def __post_init__(self):
         _positive("BeamConfig", "width", self.width)
         _positive("BeamConfig", "length", self.length)
+
+    @classmethod
+    def parse(cls, text: str) -> BeamConfig:
+        """ "2x3" -> BeamConfig(width=2, length=3); ValueError naming the text otherwise."""
+        try:
+            width, length = (int(p) for p in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"expected WxL such as 2x3, got {text!r}") from None
+        if width < 1 or length < 1:
+            raise ValueError(f"W and L must be >= 1, got {text!r}")
+        return cls(width, length)

@@ -3,8 +3,9 @@
 A `DistillData` holds, for every answered prompt, the answer tokens `x_P .. x_{P+A-1}` (the LLM's
 own generation, EOS included when it stopped) and the LLM hidden states (after the final norm) at
 positions `P-1 .. P+A-2`, i.e. `hidden[j]` is the state from which the LLM produced `answer[j]`.
-Hidden states come from one forward pass over prompt + answer, not from the generation loop, so
-they are exactly what the engine's prefill/verify passes hand the drafter.
+The generation loop collects them as it decodes (`generate(..., collect_states=True)`), which
+costs nothing extra; a separate forward over prompt + answer (`hidden_states`, what the engine's
+prefill/verify passes compute) agrees to float noise, as a test checks.
 
 Generation is slow on a CPU, so the data set is built in chunks of prompts, each cached as an
 `.npz` under the output folder together with a fingerprint of what produced it (model file,
@@ -156,7 +157,8 @@ def fingerprint_of(model_path, settings: dict) -> dict:
     """What a cached chunk depends on besides its prompts: the model file and the settings."""
     model = Path(model_path)
     size = model.stat().st_size if model.exists() else None
-    return {"model": model.name, "model_bytes": size, **settings}
+    # data_version 2: states collected by the decode loop (1: a second forward pass).
+    return {"model": model.name, "model_bytes": size, "data_version": 2, **settings}
 
 
 def _ids_digest(prompt_ids: list[list[int]]) -> str:
@@ -187,7 +189,7 @@ class GenerationSettings:
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
-    chunk_size: int = 16
+    chunk_size: int = 32
     system_prompt: str | None = None
 
     def as_dict(self) -> dict:
@@ -216,7 +218,8 @@ def answer_chunk(llm_params, llm_config, prompt_ids, row_ids, settings: Generati
     """Answer up to `chunk_size` prompts (token id lists) -> DistillData of their answers.
 
     The batch is padded to `chunk_size` rows and the prompt width to a multiple of 32, so every
-    chunk reuses one compiled generate and one forward.
+    chunk reuses one compiled generate. The decode loop hands back the hidden state each answer
+    token was drawn from, so no second pass over prompt + answer is needed.
     """
     from drafter.sampling import SamplingConfig
     from pipeline.generate import generate
@@ -230,24 +233,15 @@ def answer_chunk(llm_params, llm_config, prompt_ids, row_ids, settings: Generati
     key = jax.random.key(settings.seed)
     gen = generate(
         llm_params, llm_config, _right_pad(rows, width), plen, sampling, key,
-        settings.max_new_tokens, row_ids=np.asarray(ids, np.int32),
+        settings.max_new_tokens, row_ids=np.asarray(ids, np.int32), collect_states=True,
     )  # fmt: skip
     gen_tokens, gen_len = np.asarray(gen.tokens), np.asarray(gen.lengths)
-    full = [r + gen_tokens[i, : gen_len[i]].tolist() for i, r in enumerate(rows)]
-    total = plen + gen_len
-    padded = jnp.asarray(_right_pad(full, width + gen_tokens.shape[1]))
-    hidden = np.asarray(_hidden_jit(llm_params, llm_config, padded, jnp.asarray(total)))
-    answers, states = [], []
-    for i in range(n):
-        p, a = int(plen[i]), int(gen_len[i])
-        answers.append(gen_tokens[i, :a].astype(np.int32))
-        states.append(hidden[i, p - 1 : p - 1 + a].astype(np.float16))
+    gen_states = np.asarray(gen.states)
+    answers = [gen_tokens[i, : gen_len[i]].astype(np.int32) for i in range(n)]
+    states = [gen_states[i, : gen_len[i]].astype(np.float16) for i in range(n)]
     lengths = [len(a) for a in answers]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return DistillData(np.concatenate(answers), np.concatenate(states), offsets)
-
-
-_hidden_jit = jax.jit(hidden_states, static_argnums=1)
 
 
 def build_split(llm, items, out_dir, name: str, settings: GenerationSettings, fingerprint: dict,

@@ -56,13 +56,19 @@ class DecodeState(NamedTuple):
     max_new: jax.Array
     step: jax.Array
     cache: KVCache
+    states: jax.Array | None = None  # [B, M, D] the state each token came from (if collected)
 
 
 class Generated(NamedTuple):
-    """tokens `[B, M]` (row `b`'s first `lengths[b]` are real, EOS included; the rest PAD_ID)."""
+    """tokens `[B, M]` (row `b`'s first `lengths[b]` are real, EOS included; the rest PAD_ID).
+
+    states `[B, M, D]` (only with `collect_states`): `states[b, j]` is the final-norm hidden state
+    the LLM produced `tokens[b, j]` from (the drafter's training input; zeros past the length).
+    """
 
     tokens: jax.Array
     lengths: jax.Array
+    states: jax.Array | None = None
 
 
 def prefill(params, config: LlamaConfig, prompts, prompt_lengths, cache: KVCache) -> Prefilled:
@@ -89,12 +95,15 @@ def _pick(logits, keys, step, sampling: SamplingConfig):
     return pick(step_keys, logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
-def _emit(state: DecodeState, tok, eos_ids: tuple[int, ...]) -> DecodeState:
-    """Append `tok` [B] to the rows not yet done and update which rows are done."""
+def _emit(state: DecodeState, tok, eos_ids: tuple[int, ...], hidden) -> DecodeState:
+    """Append `tok` [B] (drawn from `hidden` [B, D]) to the rows not yet done; update `done`."""
     b, m = state.tokens.shape
     # Done rows write to column M, which `mode="drop"` discards.
     cols = jnp.where(state.done, m, state.lengths)
     tokens = state.tokens.at[jnp.arange(b), cols].set(tok, mode="drop")
+    if state.states is not None:
+        states = state.states.at[jnp.arange(b), cols].set(hidden, mode="drop")
+        state = state._replace(states=states)
     lengths = state.lengths + (~state.done).astype(jnp.int32)
     hit_eos = jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else False
     done = state.done | hit_eos | (lengths >= state.max_new)
@@ -114,10 +123,12 @@ def start(
     num_tokens: int,
     eos_ids: tuple[int, ...],
     cache_dtype=jnp.float32,
+    collect_states: bool = False,
 ) -> DecodeState:
     """Prefill [B, T] prompts into a fresh cache of T + M slots and pick each row's first token.
 
-    max_new `[B]` (<= num_tokens = M), row_ids `[B]`.
+    max_new `[B]` (<= num_tokens = M), row_ids `[B]`; `collect_states` keeps each token's hidden
+    state (see `Generated.states`).
     """
     b, t = prompts.shape
     cache = init_cache(config, b, t + num_tokens, cache_dtype)
@@ -132,8 +143,11 @@ def start(
         max_new=max_new,
         step=jnp.zeros((), jnp.int32),
         cache=pre.cache,
+        states=jnp.zeros((b, num_tokens, config.hidden_size), jnp.float32)
+        if collect_states
+        else None,
     )
-    return _emit(state, _pick(pre.logits, keys, state.step, sampling), eos_ids)
+    return _emit(state, _pick(pre.logits, keys, state.step, sampling), eos_ids, pre.hidden)
 
 
 def decode(
@@ -160,13 +174,13 @@ def decode(
         keep = (~state.done).astype(jnp.int32)
         cache = commit(state.cache, out.new_k, out.new_v, jnp.zeros((b, 1), jnp.int32), keep)
         tok = _pick(out.logits[:, 0], state.keys, state.step, sampling)
-        return _emit(state._replace(cache=cache), tok, eos_ids)
+        return _emit(state._replace(cache=cache), tok, eos_ids, out.hidden[:, 0])
 
     final = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
-    return Generated(final.tokens, final.lengths)
+    return Generated(final.tokens, final.lengths, final.states)
 
 
-_STATIC = ("config", "sampling", "num_tokens", "eos_ids", "cache_dtype")
+_STATIC = ("config", "sampling", "num_tokens", "eos_ids", "cache_dtype", "collect_states")
 start_jit = jax.jit(start, static_argnames=_STATIC)
 decode_jit = jax.jit(decode, static_argnames=("config", "sampling", "eos_ids"))
 
@@ -185,6 +199,7 @@ def generate_core(
     num_tokens,
     eos_ids,
     cache_dtype=jnp.float32,
+    collect_states=False,
 ) -> Generated:
     """`generate` as one pure jitted function of arrays (for callers that shard it)."""
     state = start(
@@ -199,6 +214,7 @@ def generate_core(
         num_tokens=num_tokens,
         eos_ids=eos_ids,
         cache_dtype=cache_dtype,
+        collect_states=collect_states,
     )
     return decode(params, state, config=config, sampling=sampling, eos_ids=eos_ids)
 
@@ -215,10 +231,12 @@ def generate(
     row_ids=None,
     eos_token_ids=None,
     cache_dtype=jnp.float32,
+    collect_states: bool = False,
 ) -> Generated:
     """[B, T] right-padded prompts, [B] lengths, sampling, key, [B] | int -> Generated [B, M].
 
     `M = max(max_new_tokens)`. EOS ids default to `config.eos_token_ids`; row ids to `arange(B)`.
+    `collect_states` also returns each token's hidden state (`Generated.states`).
     Validates on the host, then runs `generate_core` (compiled once per shape and config).
     """
     prompts = jnp.asarray(prompts, jnp.int32)
@@ -250,4 +268,5 @@ def generate(
         num_tokens=num_tokens,
         eos_ids=eos,
         cache_dtype=cache_dtype,
+        collect_states=collect_states,
     )

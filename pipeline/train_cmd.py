@@ -29,6 +29,19 @@ from pipeline.train_run import RunSpec, fit
 DEFAULT_OUT = "runs/drafter-smollm2"
 
 
+EVAL_BEAMS = ("1x3", "2x3", "2x4", "4x4", "8x4")
+
+
+def _beam(text: str):
+    """ "2x3" -> BeamConfig(2, 3), as an argparse type."""
+    from drafter.config import BeamConfig
+
+    try:
+        return BeamConfig.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--model", default=None, help="target .gguf or HF folder (default: the fetched SmolLM2)")
@@ -59,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="train-time Gaussian noise on the LLM state, as a fraction of its RMS")  # fmt: skip
     a("--width", type=int, default=RunSpec.width, help="beam width W for evaluation")
     a("--length", type=int, default=RunSpec.length, help="draft length L (train and eval)")
+    a("--eval-beams", nargs="*", type=_beam, default=[_beam(x) for x in EVAL_BEAMS],
+      metavar="WxL", help="further (W, L) to evaluate on the held-out prompts, recorded in "
+      f"drafter.json's eval_grid (default: {' '.join(EVAL_BEAMS)}; none: the flag alone)",
+      )  # fmt: skip
     a("--layers", type=int, default=RunSpec.num_draft_layers, help="drafter ResBlocks")
     a("--exit-dim", type=int, default=None, help="ResBlock width (default: D when tied, else 2D)")
     a("--tie-head", action=argparse.BooleanOptionalAction, default=True,
@@ -137,7 +154,8 @@ def run(args) -> int:
           f"({time.time() - t0:.0f} s so far)")  # fmt: skip
     spec = _spec(args, config)
     try:
-        result = fit(spec, (params, config, path.name), train, heldout, out, devices=args.devices)
+        result = fit(spec, (params, config, path.name), train, heldout, out, devices=args.devices,
+                     eval_beams=tuple(args.eval_beams))  # fmt: skip
     except (DrafterCheckpointError, ValueError) as err:
         return _fail(err)
     export = Path(args.export) if args.export else out / "drafter"
@@ -150,5 +168,8 @@ def run(args) -> int:
     print(f"held-out greedy acceptance (W={spec.width}, L={spec.length}): "
           f"{ev['mean_tokens_per_call']:.3f} tokens per LLM call; per depth "
           f"{np.round(ev['per_depth_acceptance'], 3).tolist()}")  # fmt: skip
+    for ev in info.get("eval_grid", []):
+        w, n = ev["beam"]["width"], ev["beam"]["length"]
+        print(f"  W={w}, L={n}: {ev['mean_tokens_per_call']:.3f} tokens per LLM call")
     print(f"drafter written to {export} ({time.time() - t0:.0f} s total)")
     return 0

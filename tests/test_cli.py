@@ -80,7 +80,8 @@ def test_both_entry_points_are_the_same_cli_and_list_every_subcommand():
         (["generate"], ["--prompts", "--out", "--model", "--drafter", "--address", "--local",
                         "--workers", "--plot", "--width", "--length", "--temperature"]),
         (["draft"], ["--prompts", "--out", "--model", "--drafter", "--width", "--length"]),
-        (["train"], ["--model", "--out", "--export", "--steps", "--batch", "--lr", "--width"]),
+        (["train"], ["--model", "--out", "--export", "--steps", "--batch", "--lr", "--width",
+                     "--eval-beams"]),
         (["bench"], list(BENCHMARKS)),
         (["bench", "decode"], ["--out", "--model", "--batches", "--beams"]),
         (["bench", "drafter"], ["--out", "--shapes", "--batches", "--beams"]),
@@ -157,6 +158,13 @@ def test_generate_with_a_missing_prompt_file_names_it(tmp_path):
 def test_train_with_a_missing_model_names_the_fetch_command(tmp_path):
     result = cli("train", "--model", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "r"))
     assert_user_error(result, str(tmp_path / "absent.gguf"), "specdraft fetch-model")
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_with_a_bad_eval_beam_names_it(tmp_path):
+    result = cli("train", "--eval-beams", "2x3", "0x4", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--eval-beams" in result.stderr and "'0x4'" in result.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -137,3 +137,20 @@ def test_bad_generate_input_is_named():
         generate(PARAMS, CONFIG, prompts, lengths, GREEDY, jax.random.key(0), -1)
     with pytest.raises(ValueError, match="prompts"):
         generate(PARAMS, CONFIG, prompts[0], lengths, GREEDY, jax.random.key(0), 2)
+
+
+def test_collected_states_are_the_hidden_states_each_token_came_from():
+    """`collect_states`: states[b, j] is the final hidden state the LLM drew tokens[b, j] from,
+    i.e. a full forward's hidden at position P-1+j; zeros past the row's length."""
+    tokens, lengths = pad(PROMPTS)
+    gen = generate(PARAMS, CONFIG, tokens, lengths, GREEDY, jax.random.key(0), [STEPS, 2, STEPS],
+                   collect_states=True)  # fmt: skip
+    assert gen.states.shape == (3, STEPS, CONFIG.hidden_size)
+    for b, prompt in enumerate(PROMPTS):
+        n = int(gen.lengths[b])
+        seq = prompt + rows(gen)[b]
+        ref = full_forward(seq).hidden[0, len(prompt) - 1 : len(prompt) - 1 + n]
+        np.testing.assert_allclose(gen.states[b, :n], ref, atol=1e-4, rtol=1e-4)
+        assert not np.asarray(gen.states[b, n:]).any()
+    plain = generate(PARAMS, CONFIG, tokens, lengths, GREEDY, jax.random.key(0), STEPS)
+    assert plain.states is None

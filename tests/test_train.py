@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from drafter import train as dtrain
-from drafter.config import DrafterConfig
+from drafter.config import BeamConfig, DrafterConfig
 from drafter.model import TargetEmbeddings, draft_logits, init_params, rnn_step
 from pipeline import distill, llm
 from pipeline.distill_eval import eval_walk
@@ -233,13 +233,19 @@ SPEC = RunSpec(steps=6, batch=16, learning_rate=3e-3, warmup=1, width=3, length=
                draft_vocab_size=48, save_every=2, keep=2)  # fmt: skip
 
 
-def _fit(tiny_data, out, spec=SPEC, config=TINY):
+def _fit(tiny_data, out, spec=SPEC, config=TINY, eval_beams=()):
     params, *_, data = tiny_data
-    return fit(spec, (params, config, "tiny"), data, data, out)
+    return fit(spec, (params, config, "tiny"), data, data, out, eval_beams=eval_beams)
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
-    whole = _fit(tiny_data, tmp_path / "whole")
+    beams = (BeamConfig(1, 2), BeamConfig(SPEC.width, SPEC.length))
+    whole = _fit(tiny_data, tmp_path / "whole", eval_beams=beams)
+    # The grid is evaluated like the main figure: the same beam gives the same figures.
+    grid = whole.info["eval_grid"]
+    assert [g["beam"] for g in grid] == [{"width": 1, "length": 2}, whole.info["eval"]["beam"]]
+    assert grid[1] == whole.info["eval"]
+    assert len(grid[0]["per_depth_acceptance"]) == 2
     real = distill.batch_indices
     seen = []
 
@@ -301,7 +307,6 @@ def test_drafter_folder_round_trip_onto_a_mesh_and_mismatch_errors(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_drafter_fits_smollm2_and_predicts_its_greedy_continuation():
-    from drafter.config import BeamConfig
     from drafter.drafting import beam_search
     from drafter.sampling import SamplingConfig
     from pipeline.drafter_io import DEFAULT_DRAFTER, target_embeddings
