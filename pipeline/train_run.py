@@ -41,15 +41,15 @@ class RunSpec:
     The defaults are the shipped SmolLM2 drafter's; (width, length) is the engine's default beam.
     """
 
-    steps: int = 1000
+    steps: int = 3000
     batch: int = 128
     learning_rate: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.0
     kl_weight: float = 1.0
     state_noise: float = 0.3
-    width: int = 2
-    length: int = 3
+    width: int = 1
+    length: int = 4
     num_draft_layers: int = 1
     exit_dim: int | None = None
     tie_lm_head: bool = True
@@ -212,10 +212,12 @@ def train_loop(spec, config, state, target, teacher_head, data, mesh, manager, r
     return state
 
 
-def fit(spec: RunSpec, llm, train, heldout, out_dir, devices=None) -> FitResult:
+def fit(spec: RunSpec, llm, train, heldout, out_dir, devices=None, eval_beams=()) -> FitResult:
     """Train (or resume) a drafter on `train`, evaluate it on `heldout`.
 
-    llm: (params, LlamaConfig, model name). Returns the final params with the run's record.
+    llm: (params, LlamaConfig, model name). Returns the final params with the run's record; its
+    `eval` is at (spec.width, spec.length), `eval_grid` at each further BeamConfig of
+    `eval_beams` (what choosing an engine default needs).
     """
     llm_params, llm_config, llm_name = llm
     if train.hidden_size != llm_config.hidden_size:
@@ -248,6 +250,9 @@ def fit(spec: RunSpec, llm, train, heldout, out_dir, devices=None) -> FitResult:
     train_seconds = time.time() - t0
     t1 = time.time()
     figures = acceptance(state.params, config, target, heldout, BeamConfig(spec.width, spec.length))
+    grid = [acceptance(state.params, config, target, heldout, beam) for beam in eval_beams]
     info = {**record, "eval": figures, "train_seconds_this_process": round(train_seconds, 1),
             "eval_seconds": round(time.time() - t1, 1)}  # fmt: skip
+    if grid:
+        info["eval_grid"] = grid
     return FitResult(config, jax.device_get(state.params), vocab_map, info)

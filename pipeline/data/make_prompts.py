@@ -146,6 +146,172 @@ STANDALONE = [
 ]
 
 
+# Added in a second round (more self-distillation data): new topics and templates. Their pairs
+# are appended after the first round's rows, so earlier rows (and cached answers) never change.
+MORE_TOPICS = [
+    "the Eiffel Tower",
+    "owls",
+    "rice farming",
+    "the Amazon river",
+    "wind turbines",
+    "tea",
+    "the violin",
+    "hurricanes",
+    "the printing of money",
+    "submarines",
+    "the human brain",
+    "spiders",
+    "chocolate",
+    "soccer",
+    "the Arctic",
+    "desert animals",
+    "bridges",
+    "robots",
+    "the telephone",
+    "origami",
+    "mountains",
+    "the library of Alexandria",
+    "kangaroos",
+    "nuclear energy",
+    "the periodic table",
+    "yoga",
+    "podcasts",
+    "the moon landing",
+    "cheese",
+    "sharks",
+    "video games",
+    "the metric system",
+    "elephants",
+    "fireworks",
+    "skyscrapers",
+    "the Silk Road",
+    "mushrooms",
+    "cryptography",
+    "public transport",
+    "the Vikings",
+    "coral reefs",
+    "plastic pollution",
+    "the printing of books",
+    "sunflowers",
+    "pizza",
+    "the Internet of Things",
+    "batteries",
+    "whales",
+    "the Mona Lisa",
+    "astronauts",
+    "trains",
+    "the Sahara desert",
+    "photography",
+    "the human skeleton",
+    "rain",
+    "wolves",
+    "pyramids",
+    "open source software",
+    "the first computers",
+    "tigers",
+    "snow",
+    "the Great Barrier Reef",
+    "social media",
+    "compost",
+    "lighthouses",
+    "the Beatles",
+    "basketball",
+    "ants",
+    "artificial intelligence",
+    "microwaves",
+    "the Milky Way",
+    "castles",
+    "maps",
+    "dolphins",
+    "the printing of newspapers",
+    "tornadoes",
+    "cooking pasta",
+    "the alphabet",
+    "bees and flowers",
+    "clocks",
+    "the Internet's history",
+    "volcanic islands",
+    "apples",
+    "the human eye",
+    "electric guitars",
+    "hot air balloons",
+    "password security",
+    "the seasons",
+    "frogs",
+    "Shakespeare",
+    "the calendar",
+    "penicillin",
+    "saving water",
+    "cats",
+    "dogs",
+    "horses",
+    "the stars",
+    "deserts",
+    "forests",
+    "rivers",
+    "lakes",
+    "islands",
+    "cities",
+    "villages",
+    "museums",
+    "schools",
+    "hospitals",
+    "farms",
+    "markets",
+    "airports",
+    "space stations",
+    "satellites",
+    "comets",
+    "the Sun",
+    "Mars",
+    "Jupiter",
+    "light",
+    "sound",
+    "electricity",
+    "magnetism",
+    "friction",
+    "energy",
+    "atoms",
+    "cells",
+    "bacteria",
+    "viruses",
+    "fungi",
+    "plants",
+    "insects",
+    "birds",
+    "fish",
+    "reptiles",
+    "mammals",
+    "fossils",
+    "minerals",
+    "weather forecasts",
+    "clouds",
+    "lightning",
+    "fog",
+    "ice",
+    "oceans and tides",
+]
+
+MORE_TEMPLATES = [
+    "Write a short paragraph about {t}.",
+    "What are the most important things to know about {t}?",
+    "Explain how {t} works.",
+    "Write a quiz question about {t} with its answer.",
+    "Give me a one-sentence summary of {t}.",
+    "What is the future of {t}?",
+    "Write a short speech about {t}.",
+    "Describe {t} to someone who has never heard of it.",
+    "List three facts about {t}.",
+    "Write a children's story about {t}.",
+    "What are some fun activities related to {t}?",
+    "How has {t} changed over time?",
+    "Write a short news article about {t}.",
+    "Explain {t} in three sentences.",
+    "What can we learn from {t}?",
+    "Write a riddle about {t}.",
+]
+
+
 def build(seed: int = 0, n_train: int = 320, n_heldout: int = 64, n_extra: int = 320):
     """-> (train rows, held-out rows). The first n_train + n_heldout prompts are split as
     shuffled; `n_extra` further (template, topic) pairs, none used by the held-out split, are
@@ -162,9 +328,28 @@ def build(seed: int = 0, n_train: int = 320, n_heldout: int = 64, n_extra: int =
     return rows[:n_train] + rows[n:], rows[n_train:n]
 
 
+def more_rows(first_id: int, seed: int = 1, n_grid: int = 500, n_more: int = 460) -> list[dict]:
+    """Second-round training rows: `n_grid` first-round (template, topic) pairs that `build` left
+    unused (so none is a held-out pair), then `n_more` pairs involving the new topics/templates,
+    each set shuffled with `seed`. Ids continue from `first_id`."""
+    rng = random.Random(0)
+    pairs = [(tm, tp) for tm in TEMPLATES for tp in TOPICS]
+    rng.shuffle(pairs)  # the same order `build` drew from
+    used = 320 + 64 - len(STANDALONE) + 320
+    grid = pairs[used:]
+    rng = random.Random(seed)
+    rng.shuffle(grid)
+    new = [(tm, tp) for tm in TEMPLATES + MORE_TEMPLATES for tp in TOPICS + MORE_TOPICS]
+    new = [p for p in new if p[0] in MORE_TEMPLATES or p[1] in MORE_TOPICS]
+    rng.shuffle(new)
+    prompts = [tm.format(t=tp) for tm, tp in grid[:n_grid] + new[:n_more]]
+    return [{"id": f"p{first_id + i:04d}", "prompt": p} for i, p in enumerate(prompts)]
+
+
 def main() -> None:
     here = Path(__file__).parent
     train, heldout = build()
+    train += more_rows(len(train) + len(heldout))
     for name, rows in (("train_prompts.jsonl", train), ("heldout_prompts.jsonl", heldout)):
         with open(here / name, "w") as f:
             for row in rows:
