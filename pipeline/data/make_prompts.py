@@ -3,7 +3,9 @@
 Run once by hand (`python pipeline/data/make_prompts.py`); the JSONL files are committed, so
 training never depends on this script's randomness. Prompts are templates x topics, plus a list of
 standalone questions, shuffled with a fixed seed. The held-out split uses templates and topics the
-training split also uses, but never the same (template, topic) pair.
+training split also uses, but never the same (template, topic) pair. A second round (`more_rows`)
+appends further pairs to the training split only: unused first-round pairs, then pairs with new
+topics and templates (1600 training prompts in all, 64 held out).
 """
 
 from __future__ import annotations
