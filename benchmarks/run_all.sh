@@ -9,5 +9,5 @@ mkdir -p "$out"
 run() { echo "== specdraft bench $*" >&2; "$py" -m cluster bench "$@"; }
 run drafter --out "$out/drafter.json"
 run llm --batches 1 8 --out "$out/llm.json"
-run decode --batches 1 8 --beams 1x4 2x3 4x4 --out "$out/decode.json"
+run decode --batches 1 8 --beams 1x4 2x3 2x4 4x4 --out "$out/decode.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi

@@ -48,8 +48,10 @@ class EngineConfig:
 
     model: str | None = None
     drafter: str | None = None
-    # Small trees: on CPU a verify step costs about linearly in its 1 + W*L nodes (bench decode).
-    beam: BeamConfig = BeamConfig(width=2, length=3)
+    # Chosen from `specdraft bench decode` with the shipped drafter (README, benchmarks/results/
+    # cpu-decode.json): at batch 1 on the CPU, 1x4 (5 tree nodes) was the fastest of 1x4, 2x3,
+    # 2x4 and 4x4; wider trees accept more per call but their verify step costs more.
+    beam: BeamConfig = BeamConfig(width=1, length=4)
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
     devices: int | None = None
