@@ -76,18 +76,26 @@ def read_info(path) -> dict:
         raise DrafterCheckpointError(f"{where}: not JSON: {err}") from err
 
 
+def require_drafter_folder(path) -> Path:
+    """The absolute drafter folder, or a DrafterCheckpointError naming it and how to make one.
+
+    Cheap (no reads), so callers can check before loading a model."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise DrafterCheckpointError(
+            f"drafter folder {path} not found; give an existing one (the shipped drafter is "
+            f"{DEFAULT_DRAFTER}) or train one with `specdraft train --export {path}`"
+        )
+    return path
+
+
 def load_drafter(path=None, llm_config=None, sharding=None) -> LoadedDrafter:
     """Load a drafter folder (default: the shipped SmolLM2 drafter), checked against the LLM.
 
     llm_config: anything with `vocab_size` and `hidden_size` (a LlamaConfig), or None to skip the
     check. sharding: a jax Sharding to place every array on (e.g. replicated over a mesh).
     """
-    path = Path(DEFAULT_DRAFTER if path is None else path).absolute()
-    if not path.is_dir():
-        raise DrafterCheckpointError(
-            f"drafter folder {path} not found; give an existing one (the shipped drafter is "
-            f"{DEFAULT_DRAFTER}) or train one with `specdraft train --export {path}`"
-        )
+    path = require_drafter_folder(DEFAULT_DRAFTER if path is None else path)
     try:
         config = load_config(path, DrafterConfig)
         if llm_config is not None:

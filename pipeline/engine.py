@@ -137,12 +137,14 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
-        from pipeline.drafter_io import DEFAULT_DRAFTER, load_drafter
+        from pipeline.drafter_io import DEFAULT_DRAFTER, load_drafter, require_drafter_folder
         from pipeline.models import require_model
         from pipeline.tokenizer import Tokenizer
         from pipeline.weights import load_model
 
         path = require_model(config.model)
+        if config.drafter is not None:
+            require_drafter_folder(config.drafter)  # before the (slow) model load
         llm_config, llm_params = load_model(path)
         tokenizer = (
             Tokenizer.from_gguf(path)

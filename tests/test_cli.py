@@ -142,6 +142,15 @@ def test_generate_with_a_missing_drafter_folder_names_it_and_the_fix(io, tiny_mo
     assert_user_error(result, f"drafter folder {missing} not found", "specdraft train")
 
 
+def test_a_missing_drafter_folder_is_named_before_the_model_loads(io, tmp_path):
+    # A model file that exists but cannot load: the drafter error must come first.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    missing = tmp_path / "no-drafter"
+    result = cli("generate", *io, "--model", str(broken), "--drafter", str(missing))
+    assert_user_error(result, f"drafter folder {missing} not found", "specdraft train")
+
+
 def test_generate_with_a_drafter_for_another_model_says_so(io, tiny_model):
     # The shipped drafter is SmolLM2's (hidden 576); the tiny model's hidden size is 32.
     result = cli("draft", *io, "--model", str(tiny_model))
