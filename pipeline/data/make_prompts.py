@@ -314,6 +314,15 @@ MORE_TEMPLATES = [
 ]
 
 
+# The first round's sizes (`build`'s defaults); `more_rows` starts after the pairs they used.
+FIRST_ROUND = {"seed": 0, "n_train": 320, "n_heldout": 64, "n_extra": 320}
+
+
+def pairs_used(n_train: int, n_heldout: int, n_extra: int) -> int:
+    """How many shuffled (template, topic) pairs `build` turns into prompts."""
+    return n_train + n_heldout - len(STANDALONE) + n_extra
+
+
 def build(seed: int = 0, n_train: int = 320, n_heldout: int = 64, n_extra: int = 320):
     """-> (train rows, held-out rows). The first n_train + n_heldout prompts are split as
     shuffled; `n_extra` further (template, topic) pairs, none used by the held-out split, are
@@ -334,11 +343,11 @@ def more_rows(first_id: int, seed: int = 1, n_grid: int = 500, n_more: int = 460
     """Second-round training rows: `n_grid` first-round (template, topic) pairs that `build` left
     unused (so none is a held-out pair), then `n_more` pairs involving the new topics/templates,
     each set shuffled with `seed`. Ids continue from `first_id`."""
-    rng = random.Random(0)
+    first = dict(FIRST_ROUND)
+    rng = random.Random(first.pop("seed"))
     pairs = [(tm, tp) for tm in TEMPLATES for tp in TOPICS]
     rng.shuffle(pairs)  # the same order `build` drew from
-    used = 320 + 64 - len(STANDALONE) + 320
-    grid = pairs[used:]
+    grid = pairs[pairs_used(**first) :]
     rng = random.Random(seed)
     rng.shuffle(grid)
     new = [(tm, tp) for tm in TEMPLATES + MORE_TEMPLATES for tp in TOPICS + MORE_TOPICS]
@@ -350,7 +359,7 @@ def more_rows(first_id: int, seed: int = 1, n_grid: int = 500, n_more: int = 460
 
 def main() -> None:
     here = Path(__file__).parent
-    train, heldout = build()
+    train, heldout = build(**FIRST_ROUND)
     train += more_rows(len(train) + len(heldout))
     for name, rows in (("train_prompts.jsonl", train), ("heldout_prompts.jsonl", heldout)):
         with open(here / name, "w") as f:
