@@ -13,7 +13,7 @@ from drafter.model import (
     to_target_ids,
 )
 from drafter.reference import load_reference, save_reference
-from drafter.sampling import SamplingConfig, sample, warp_log_probs
+from drafter.sampling import SamplingConfig, greedy, sample, warp_log_probs
 
 __all__ = [
     "BeamConfig",
@@ -25,6 +25,7 @@ __all__ = [
     "check_target",
     "draft_batch",
     "draft_logits",
+    "greedy",
     "init_params",
     "load_reference",
     "logits_to_log_probs",

@@ -59,8 +59,19 @@ def warp_log_probs(logits, temperature, top_k: int | None = None, top_p=None):
     return jax.nn.log_softmax(scaled)
 
 
+def greedy(logits):
+    """[V] -> [] int32: the argmax, which is `sample` at temperature 0 (top-k and top-p never
+    remove the most likely token)."""
+    return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
+
+
 def sample(key, logits, temperature, top_k: int | None = None, top_p=None):
-    """key, [V], [], static, [] -> [] int32 token: argmax when temperature == 0, else a draw."""
+    """key, [V], [], static, [] -> [] int32 token: argmax when temperature == 0, else a draw.
+
+    A temperature known to be 0 at trace time (a Python number) skips the warping and the draw.
+    """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return greedy(logits)
     return draw(key, warp_log_probs(logits, temperature, top_k, top_p), temperature)
 
 

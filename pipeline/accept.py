@@ -28,7 +28,7 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from drafter.sampling import SamplingConfig, sample, warp_log_probs
+from drafter.sampling import SamplingConfig, greedy, sample, warp_log_probs
 from pipeline.tree import Tree
 
 
@@ -69,9 +69,8 @@ class TreeMatch:
     def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits) -> Accepted:
         """key, [W, L+1], [W, L] (unused), Tree, [n, V] -> Accepted."""
         s = self.sampling
-        if s.greedy:  # static: skip the n x V random draws that `sample` would discard
-            warp = jax.vmap(lambda x: warp_log_probs(x, 0.0, s.top_k, s.top_p))
-            target = jnp.argmax(warp(logits), axis=-1).astype(jnp.int32)  # as `sample` does
+        if s.greedy:  # static: the argmax, as `sample` takes it, with no warping or draws
+            target = jax.vmap(greedy)(logits)
         else:
             keys = jax.random.split(key, logits.shape[0])
             pick = jax.vmap(lambda k, x: sample(k, x, s.temperature, s.top_k, s.top_p))

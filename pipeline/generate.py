@@ -28,6 +28,7 @@ from pipeline.llm import (
     forward_hidden,
     init_cache,
     lm_logits,
+    unstack_cache,
     unstack_layers,
 )
 
@@ -80,7 +81,7 @@ def prefill(params, config: LlamaConfig, prompts, prompt_lengths, cache: KVCache
     b, t = prompts.shape
     valid = jnp.arange(t)[None, :] < prompt_lengths[:, None]
     positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
-    mask = causal_mask(cache.lengths, cache.k.shape[2], t, valid)
+    mask = causal_mask(cache.lengths, cache.num_slots, t, valid)
     hidden, new_k, new_v = forward_hidden(params, config, prompts, positions, cache, mask)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     take = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -160,12 +161,14 @@ def decode(
 ) -> Generated:
     """Run the `lax.while_loop` until every row is done.
 
-    Stacked layers are split once here, before the loop (see `unstack_layers`), so each step
-    reads the weights in place instead of copying every layer out of the stacked arrays.
+    Stacked layers and the cache are split once here, before the loop (see `unstack_layers`,
+    `unstack_cache`), so each step reads weights and keys/values in place instead of copying
+    every layer out of the stacked arrays.
     """
     params = unstack_layers(params)
+    state = state._replace(cache=unstack_cache(state.cache))
     b = state.last.shape[0]
-    num_slots = state.cache.k.shape[2]
+    num_slots = state.cache.num_slots
 
     def step(state: DecodeState) -> DecodeState:
         lengths = state.cache.lengths

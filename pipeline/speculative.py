@@ -32,7 +32,15 @@ from drafter.sampling import SamplingConfig, sample
 from pipeline import tree as tree_lib
 from pipeline.accept import AcceptanceRule, TreeMatch
 from pipeline.generate import PAD_ID, prefill
-from pipeline.llm import KVCache, LlamaConfig, commit, forward, init_cache, unstack_layers
+from pipeline.llm import (
+    KVCache,
+    LlamaConfig,
+    commit,
+    forward,
+    init_cache,
+    unstack_cache,
+    unstack_layers,
+)
 
 
 class DraftInputs(NamedTuple):
@@ -152,7 +160,7 @@ def draft_step(draft_fn: DraftFn, draft_params, state: SpecState, keys) -> Draft
 def verify_step(llm_params, config: LlamaConfig, cache: KVCache, candidates):
     """[B, W, L+1] -> (Tree [B, ...], ForwardOut over the B x (1 + W*L) tree nodes)."""
     trees = tree_lib.pack_trees(candidates)
-    slots = cache.k.shape[2]
+    slots = cache.num_slots
     mask = jax.vmap(tree_lib.attention_mask, in_axes=(0, 0, None))(trees, cache.lengths, slots)
     positions = jax.vmap(tree_lib.positions)(trees, cache.lengths)
     return trees, forward(llm_params, config, trees.tokens, positions, cache, mask)
@@ -185,10 +193,12 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
            rule: AcceptanceRule, eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
     """Run draft -> verify -> accept until every row is done.
 
-    Stacked layers are split once, before the loop (see `pipeline.llm.unstack_layers`): under
-    `lax.scan` XLA copies every layer's weights out of the stacked arrays on each verify call.
+    Stacked layers and the cache are split once, before the loop (see `pipeline.llm`'s
+    `unstack_layers` and `unstack_cache`): XLA copies every layer's weights and keys/values out
+    of stacked arrays on each verify call.
     """
     llm_params = unstack_layers(llm_params)
+    state = state._replace(cache=unstack_cache(state.cache))
 
     def step(state: SpecState) -> SpecState:
         draft_keys, accept_keys = _row_keys(state)

@@ -17,6 +17,7 @@ from pipeline.llm import (
     forward,
     init_cache,
     init_params,
+    unstack_cache,
     unstack_layers,
 )
 
@@ -130,7 +131,11 @@ def test_rope_base_changes_logits():
     assert np.abs(np.asarray(a.logits - b.logits)).max() > 1e-2
 
 
-def test_kv_cached_decoding_equals_full_recomputation():
+@pytest.mark.parametrize(
+    "layers,cache_form", [("stacked", "stacked"), ("stacked", "per_layer"), ("split", "per_layer")]
+)
+def test_kv_cached_decoding_equals_full_recomputation(layers, cache_form):
+    """Decoding token by token from the cache, in every (params, cache) form decode loops use."""
     params = random_params(CONFIG)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 96, size=(2, 10)), jnp.int32)
     full = run_fresh(params, CONFIG, tokens)
@@ -147,6 +152,10 @@ def test_kv_cached_decoding_equals_full_recomputation():
     cache = commit(
         cache, out.new_k, out.new_v, jnp.tile(jnp.arange(first), (2, 1)), jnp.full(2, first)
     )
+    if cache_form == "per_layer":
+        cache = unstack_cache(cache)
+    if layers == "split":
+        params = unstack_layers(params)
     logits, hidden = [out.logits], [out.hidden]
     for i in range(first, 10):
         out = fwd(
@@ -165,7 +174,8 @@ def test_kv_cached_decoding_equals_full_recomputation():
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full.logits, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(jnp.concatenate(hidden, 1), full.hidden, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(cache.lengths, [10, 10])
-    np.testing.assert_allclose(cache.k[:, :, :10], full.new_k, atol=1e-5)
+    assert isinstance(cache.k, tuple) == (cache_form == "per_layer")
+    np.testing.assert_allclose(np.stack(cache.k)[:, :, :10], full.new_k, atol=1e-5)
 
 
 def test_padded_batch_rows_match_running_alone():
@@ -274,8 +284,9 @@ def test_flat_cache_attention_equals_batched_heads():
     )
 
 
-@pytest.mark.parametrize("width", [3, 6])  # the select path (<= FLAT_CACHE_MAX_T), the scatter
-def test_commit_writes_exactly_the_chosen_tokens(width):
+@pytest.mark.parametrize("per_layer", [False, True])  # stacked arrays, `unstack_cache` tuples
+@pytest.mark.parametrize("width", [3, 6])
+def test_commit_writes_exactly_the_chosen_tokens(width, per_layer):
     n, b, s, t, h, d = 2, 3, 10, 8, 2, 3
     rng = np.random.default_rng(5)
     k0, v0 = rng.normal(size=(2, n, b, s, h, d)).astype(np.float32)
@@ -283,13 +294,14 @@ def test_commit_writes_exactly_the_chosen_tokens(width):
     lengths = np.asarray([1, s - 2, 0], np.int32)
     take = rng.integers(0, t, size=(b, width)).astype(np.int32)
     count = np.asarray([width, 2, 0], np.int32)  # row 1 fills the cache exactly
-    out = commit(
-        KVCache(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(lengths)),
-        jnp.asarray(new_k),
-        jnp.asarray(new_v),
-        jnp.asarray(take),
-        jnp.asarray(count),
-    )
+    cache = KVCache(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(lengths))
+    if per_layer:
+        cache = unstack_cache(cache)
+    out = commit(cache, jnp.asarray(new_k), jnp.asarray(new_v), jnp.asarray(take),
+                 jnp.asarray(count))  # fmt: skip
+    assert isinstance(out.k, tuple) == per_layer
+    if per_layer:
+        out = out._replace(k=np.stack(out.k), v=np.stack(out.v))
     want_k, want_v = k0.copy(), v0.copy()
     for row in range(b):
         for j in range(count[row]):
