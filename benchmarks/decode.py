@@ -1,10 +1,15 @@
 """`specdraft bench decode`: speculative vs autoregressive greedy decoding of SmolLM2, same run.
 
 For each batch size and each (W, L): tokens/s of the fused speculative decode and of plain
-autoregressive decode (`pipeline.generate`) on the same fixed chat prompts (each timed after a
-compiling warm-up run), mean tokens per verify call (accepted + the bonus token), and one draft
-step / one tree-verify step timed alone; `spec_step_ms` / `ar_step_ms` are the fused loops' wall
-time per iteration (for spec: compare with draft_ms + verify_ms to see loop overhead). The
+autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean tokens per
+verify call (accepted + the bonus token), and one draft step / one tree-verify step timed alone;
+`spec_step_ms` / `ar_step_ms` are the fused loops' wall time per iteration (for spec: compare
+with draft_ms + verify_ms to see loop overhead).
+
+Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
+rounds of (AR, every W x L), and each figure is the median over rounds. A busy or drifting
+machine then shifts AR and spec alike instead of whichever case ran during a slow minute (the
+seconds of every round are in the JSON). The
 drafter is the shipped one when present, else `--drafter DIR`, else a fresh untrained one; the
 JSON says which.
 """
@@ -12,6 +17,7 @@ JSON says which.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -53,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
     parser.add_argument("--devices", type=int, default=1, help="local devices to shard over")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -84,17 +92,15 @@ def _chunks(batch: int) -> list[list[str]]:
     return [items[i : i + batch] for i in range(0, len(items), batch)]
 
 
-def _warm_then_time(fn, chunks):
-    """Run `fn` over every chunk once (compiles), then again timed: (seconds, outputs)."""
-    for chunk in chunks:
-        fn(chunk)
+def _timed(fn, chunks):
+    """One pass of `fn` over every chunk: (seconds, outputs)."""
     t0 = time.perf_counter()
     outs = [fn(chunk) for chunk in chunks]
     return time.perf_counter() - t0, outs
 
 
-def _ar_speed(engine, chunks, max_new: int) -> tuple[float, float]:
-    """(tokens/s, ms per decode step) of plain autoregressive decoding over all chunks."""
+def _ar_runner(engine, max_new: int):
+    """prompts -> Generated of plain autoregressive decoding, on the engine's model."""
     import jax
 
     from pipeline.generate import generate
@@ -105,31 +111,46 @@ def _ar_speed(engine, chunks, max_new: int) -> tuple[float, float]:
                        engine.config.sampling, jax.random.key(0), max_new)  # fmt: skip
         return jax.device_get(out)
 
-    seconds, outs = _warm_then_time(run, chunks)
-    tokens = sum(int(o.lengths.sum()) for o in outs)
-    steps = sum(int(o.lengths.max()) for o in outs)
-    return tokens / seconds, seconds * 1e3 / steps
+    return run
 
 
-def _spec_row(engine, chunks, beam, batch: int, ar) -> dict:
-    """One result row: speculative decoding over all chunks, next to the AR figures."""
-    run = lambda prompts: engine.generate_ids(prompts, list(range(len(prompts))))[0]
-    seconds, outs = _warm_then_time(run, chunks)
-    hist = sum(o.accepted.sum(0) for o in outs)
+def _interleaved(runners, chunks, repeats: int):
+    """Warm every runner up, then `repeats` rounds of one pass each, in turn.
+
+    -> per runner (list of seconds per round, outputs of the last round)."""
+    for fn in runners:
+        _timed(fn, chunks)
+    seconds, outs = [[] for _ in runners], [None] * len(runners)
+    for r in range(repeats):
+        log(f"timing round {r + 1}/{repeats}")
+        for i, fn in enumerate(runners):
+            took, outs[i] = _timed(fn, chunks)
+            seconds[i].append(took)
+    return seconds, outs
+
+
+def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
+    """One result row from (seconds per round, outputs) of spec and of AR decoding."""
+    spec_s, ar_s = statistics.median(spec[0]), statistics.median(ar[0])
+    spec_tokens = sum(int(o.lengths.sum()) for o in spec[1])
+    ar_tokens = sum(int(o.lengths.sum()) for o in ar[1])
+    hist = sum(o.accepted.sum(0) for o in spec[1])
     draft_ms, verify_ms = engine.phase_times(chunks[0])
     return {
         "batch": batch,
         "width": beam.width,
         "length": beam.length,
         "prompts": sum(len(c) for c in chunks),
-        "spec_tok_s": sum(int(o.lengths.sum()) for o in outs) / seconds,
-        "ar_tok_s": ar[0],
-        "speedup": sum(int(o.lengths.sum()) for o in outs) / seconds / ar[0],
+        "spec_tok_s": spec_tokens / spec_s,
+        "ar_tok_s": ar_tokens / ar_s,
+        "speedup": (spec_tokens / spec_s) / (ar_tokens / ar_s),
         "accepted_per_call": float((hist * (1 + np.arange(hist.size))).sum() / hist.sum()),
         "draft_ms": draft_ms,
         "verify_ms": verify_ms,
-        "spec_step_ms": seconds * 1e3 / sum(int(o.calls.max()) for o in outs),
-        "ar_step_ms": ar[1],
+        "spec_step_ms": spec_s * 1e3 / sum(int(o.calls.max()) for o in spec[1]),
+        "ar_step_ms": ar_s * 1e3 / sum(int(o.lengths.max()) for o in ar[1]),
+        "spec_seconds": [round(x, 3) for x in spec[0]],
+        "ar_seconds": [round(x, 3) for x in ar[0]],
     }
 
 
@@ -140,24 +161,36 @@ def run(args: argparse.Namespace) -> dict:
     beams = args.beams or [BeamConfig(1, 4), BeamConfig(2, 3), BeamConfig(4, 4)]
     llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
     log(f"drafter: {drafter_source}")
+    if args.repeats < 1:
+        raise ValueError(f"bench decode: --repeats must be >= 1, got {args.repeats}")
     results = []
     for batch in args.batches:
         chunks = [[tokenizer.encode_chat([{"role": "user", "content": p}]) for p in chunk]
                   for chunk in _chunks(batch)]  # fmt: skip
-        ar = None
+        engines = []
         for beam in beams:
             config = EngineConfig(beam=beam, max_new_tokens=args.max_new_tokens,
                                   devices=args.devices, batch_size=batch)  # fmt: skip
-            engine = Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
-            if ar is None:
-                ar = _ar_speed(engine, chunks, args.max_new_tokens)
-            row = _spec_row(engine, chunks, beam, batch, ar)
+            engines.append(
+                Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
+            )
+        spec_runners = [
+            lambda prompts, e=e: e.generate_ids(prompts, list(range(len(prompts))))[0]
+            for e in engines
+        ]
+        log(f"batch {batch}: compiling AR and {len(beams)} beam shapes")
+        runners = [_ar_runner(engines[0], args.max_new_tokens), *spec_runners]
+        seconds, outs = _interleaved(runners, chunks, args.repeats)
+        ar = (seconds[0], outs[0])
+        for i, (beam, engine) in enumerate(zip(beams, engines, strict=True)):
+            row = _row(engine, chunks, beam, batch, (seconds[i + 1], outs[i + 1]), ar)
             log(str(row))
             results.append(row)
     return {
         "drafter": drafter_source,
         "prompts": list(PROMPTS),
         "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
         "accepted_per_call_counts_bonus_token": True,
         "results": results,
     }

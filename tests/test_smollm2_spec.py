@@ -35,3 +35,29 @@ def test_smollm2_speculative_greedy_equals_autoregressive():
     for i, r in enumerate(results):
         assert r["token_ids"] == [int(t) for t in want.tokens[i, : want.lengths[i]]]
         assert r["text"].strip() and r["metrics"]["steps"] >= 1
+
+
+def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
+    """`specdraft bench decode` on SmolLM2 + the shipped drafter, tiny: every case is timed in
+    each round, and the figures are the medians of those rounds."""
+    import json
+    import statistics
+
+    from cluster.cli import main
+
+    out = tmp_path / "decode.json"
+    argv = ["bench", "decode", "--batches", "1", "--beams", "1x2", "2x2", "--max-new-tokens", "4",
+            "--repeats", "3", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert doc["repeats"] == 3 and doc["accepted_per_call_counts_bonus_token"]
+    assert [(r["batch"], r["width"], r["length"]) for r in doc["results"]] == [(1, 1, 2), (1, 2, 2)]
+    ar_seconds = doc["results"][0]["ar_seconds"]
+    for r in doc["results"]:
+        assert len(r["spec_seconds"]) == 3 and r["ar_seconds"] == ar_seconds  # one AR series
+        tokens = r["spec_tok_s"] * statistics.median(r["spec_seconds"])
+        assert tokens == pytest.approx(r["ar_tok_s"] * statistics.median(ar_seconds), rel=1e-2)
+        assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["ar_tok_s"])
+        assert 1.0 <= r["accepted_per_call"] <= 3.0
