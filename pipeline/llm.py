@@ -380,7 +380,8 @@ def commit(cache: KVCache, new_k, new_v, take, count) -> KVCache:
     def write(buf, new):
         if isinstance(buf, (tuple, list)):
             return tuple(write_layer(layer, new[n]) for n, layer in enumerate(buf))
-        return jax.vmap(write_layer)(buf, new)
+        picked = jnp.take_along_axis(new, take[None, :, :, None, None], axis=2)
+        return buf.at[:, rows, slots].set(picked.astype(buf.dtype), mode="drop")
 
     return KVCache(write(cache.k, new_k), write(cache.v, new_v), cache.lengths + count)
 
