@@ -9,9 +9,10 @@ with draft_ms + verify_ms to see loop overhead).
 Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
 rounds of (AR, every W x L), and each figure is the median over rounds. A busy or drifting
 machine then shifts AR and spec alike instead of whichever case ran during a slow minute (the
-seconds of every round are in the JSON). The
-drafter is the shipped one when present, else `--drafter DIR`, else a fresh untrained one; the
-JSON says which.
+seconds of every round are in the JSON).
+
+The drafter is the shipped one when present, else `--drafter DIR`, else a fresh untrained one;
+the JSON says which.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def parse_beam(text: str):
     return BeamConfig(*drafter_bench.parse_beam(text))
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF / HF folder (default: SmolLM2)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: shipped)")
@@ -59,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
     parser.add_argument("--devices", type=int, default=1, help="local devices to shard over")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=_at_least_one, default=3,
                         help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
 
 
@@ -161,8 +169,6 @@ def run(args: argparse.Namespace) -> dict:
     beams = args.beams or [BeamConfig(1, 4), BeamConfig(2, 3), BeamConfig(4, 4)]
     llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
     log(f"drafter: {drafter_source}")
-    if args.repeats < 1:
-        raise ValueError(f"bench decode: --repeats must be >= 1, got {args.repeats}")
     results = []
     for batch in args.batches:
         chunks = [[tokenizer.encode_chat([{"role": "user", "content": p}]) for p in chunk]

@@ -177,6 +177,13 @@ def test_train_with_a_bad_eval_beam_names_it(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_bench_decode_with_zero_repeats_names_the_flag(tmp_path):
+    result = cli("bench", "decode", "--repeats", "0", "--out", str(tmp_path / "d.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--repeats" in result.stderr and "got 0" in result.stderr
+    assert not (tmp_path / "d.json").exists()
+
+
 def test_bench_with_an_unknown_benchmark_lists_the_known_ones():
     result = cli("bench", "nosuch")
     assert result.returncode == 2 and "Traceback" not in result.stderr
