@@ -2,7 +2,9 @@
 
 For each batch size and each (W, L): tokens/s of the fused speculative decode and of plain
 autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean tokens per
-verify call (accepted + the bonus token), and one draft step / one tree-verify step timed alone;
+verify call (accepted + the bonus token), how many rows equal their AR row token for token
+(greedy: all of them in fp32; not so in bf16, see the README), and one draft step / one
+tree-verify step timed alone;
 `spec_step_ms` / `ar_step_ms` are the fused loops' wall time per iteration (for spec: compare
 with draft_ms + verify_ms to see loop overhead).
 
@@ -69,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=1, help="local devices to shard over")
     parser.add_argument("--repeats", type=_at_least_one, default=3,
                         help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="target weights and KV cache, for AR and spec alike")  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -76,6 +80,8 @@ def log(msg: str) -> None:
 
 
 def _load(args):
+    import jax.numpy as jnp
+
     from pipeline.drafter_io import DEFAULT_DRAFTER, load_drafter
     from pipeline.engine import fresh_drafter
     from pipeline.models import require_model
@@ -83,7 +89,7 @@ def _load(args):
     from pipeline.weights import load_model
 
     path = require_model(args.model)
-    llm_config, llm_params = load_model(path)
+    llm_config, llm_params = load_model(path, jnp.dtype(args.dtype))
     tokenizer = Tokenizer.from_gguf(path)
     drafter_path = args.drafter or (DEFAULT_DRAFTER if DEFAULT_DRAFTER.is_dir() else None)
     if drafter_path is None:
@@ -143,6 +149,12 @@ def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
     spec_tokens = sum(int(o.lengths.sum()) for o in spec[1])
     ar_tokens = sum(int(o.lengths.sum()) for o in ar[1])
     hist = sum(o.accepted.sum(0) for o in spec[1])
+    same = [
+        int(s.lengths[i]) == int(a.lengths[i])
+        and bool((s.tokens[i, : s.lengths[i]] == a.tokens[i, : a.lengths[i]]).all())
+        for s, a in zip(spec[1], ar[1], strict=True)
+        for i in range(len(s.lengths))
+    ]
     draft_ms, verify_ms = engine.phase_times(chunks[0])
     return {
         "batch": batch,
@@ -152,6 +164,7 @@ def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,
         "speedup": (spec_tokens / spec_s) / (ar_tokens / ar_s),
+        "rows_identical_to_ar": sum(same),
         "accepted_per_call": float((hist * (1 + np.arange(hist.size))).sum() / hist.sum()),
         "draft_ms": draft_ms,
         "verify_ms": verify_ms,
@@ -175,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
                   for chunk in _chunks(batch)]  # fmt: skip
         engines = []
         for beam in beams:
-            config = EngineConfig(beam=beam, max_new_tokens=args.max_new_tokens,
+            config = EngineConfig(beam=beam, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   devices=args.devices, batch_size=batch)  # fmt: skip
             engines.append(
                 Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
@@ -196,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         "drafter": drafter_source,
         "prompts": list(PROMPTS),
         "max_new_tokens": args.max_new_tokens,
+        "dtype": args.dtype,
         "repeats": args.repeats,
         "accepted_per_call_counts_bonus_token": True,
         "results": results,

@@ -9,5 +9,8 @@ mkdir -p "$out"
 run() { echo "== specdraft bench $*" >&2; "$py" -m cluster bench "$@"; }
 run drafter --out "$out/drafter.json"
 run llm --batches 1 8 --out "$out/llm.json"
-run decode --batches 1 8 --beams 1x4 2x3 2x4 4x4 --out "$out/decode.json"
+for dtype in float32 bfloat16; do
+  run decode --batches 1 8 --beams 1x4 2x4 4x4 --repeats 2 --dtype "$dtype" \
+    --out "$out/decode-$dtype.json"
+done
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from drafter.config import DrafterConfig
@@ -117,7 +118,13 @@ def target_embeddings(llm_params: dict, config: DrafterConfig, vocab_map=None) -
     """The target's tables for this drafter from LLM params (pipeline.llm layout).
 
     The tied head is the LLM's output table: its untied `lm_head` if it has one, else `embed`.
+    The tables are handed over in fp32 whatever the target's dtype: the drafter computes in fp32,
+    as it was trained, and on the CPU a bf16 table made each one-row drafting matmul several
+    times slower (see `pipeline.llm.weight_dtype`).
     """
-    embed = llm_params["embed"]
-    lm_head = llm_params.get("lm_head", embed) if config.tie_lm_head else None
+    to_f32 = lambda table: jnp.asarray(table, jnp.float32)
+    embed = to_f32(llm_params["embed"])
+    lm_head = None
+    if config.tie_lm_head:
+        lm_head = to_f32(llm_params["lm_head"]) if "lm_head" in llm_params else embed
     return TargetEmbeddings(embed, lm_head, vocab_map)

@@ -33,9 +33,11 @@ from drafter.config import BeamConfig, DrafterConfig
 from drafter.model import init_params as init_drafter
 from drafter.sampling import SamplingConfig
 from pipeline import speculative as spec
+from pipeline.llm import unstack_cache, unstack_layers
 from pipeline.prompts import PromptItem
 from sharding import make_mesh, replicate, shard_jit
 
+DTYPES = ("float32", "bfloat16")  # what EngineConfig.dtype accepts
 PROMPT_WIDTH_MULTIPLE = 32  # prompts are padded to a multiple of this: few distinct compilations
 
 
@@ -49,8 +51,9 @@ class EngineConfig:
     model: str | None = None
     drafter: str | None = None
     # Chosen from `specdraft bench decode` with the shipped drafter (README, benchmarks/results/
-    # cpu-decode.json): at batch 1 on the CPU, 1x4 (5 tree nodes) was the fastest of 1x4, 2x3,
-    # 2x4 and 4x4; wider trees accept more per call but their verify step costs more.
+    # cpu-decode-float32.json): at batch 1 on the CPU, 1x4 (5 tree nodes) was the fastest of
+    # 1x4, 2x4 and 4x4 (and of 2x3 in earlier runs); wider trees accept more per call but their
+    # verify step costs more.
     beam: BeamConfig = BeamConfig(width=1, length=4)
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
@@ -58,11 +61,18 @@ class EngineConfig:
     batch_size: int = 8
     seed: int = 0
     time_phases: bool = True
+    # The target's weights and KV cache (the drafter stays fp32). bfloat16 computes each matmul
+    # from bf16 operands into fp32: on a CPU with AMX-BF16 it made a 5-node verify step cost
+    # about one fp32 AR step and batch-8 decode 1.6x faster (README, `bench decode --dtype`), but
+    # its greedy text is the bf16 model's, which can differ from the fp32 model's.
+    dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 def row_id(item_id: str) -> int:
@@ -145,7 +155,7 @@ class Engine:
         path = require_model(config.model)
         if config.drafter is not None:
             require_drafter_folder(config.drafter)  # before the (slow) model load
-        llm_config, llm_params = load_model(path)
+        llm_config, llm_params = load_model(path, jnp.dtype(config.dtype))
         tokenizer = (
             Tokenizer.from_gguf(path)
             if path.is_file()
@@ -224,7 +234,12 @@ class Engine:
         return out, time.perf_counter() - t0
 
     def phase_times(self, prompts: list[list[int]]) -> tuple[float, float]:
-        """(draft ms, verify ms) of one step of this batch, each compiled and timed alone."""
+        """(draft ms, verify ms) of one step of this batch, each compiled and timed alone.
+
+        The verify runs on per-layer weights and cache, split once before timing, as the decode
+        loop splits them once before its loop: a stacked model inside a lone jitted call copies
+        every layer out first (in bf16 that made the timed verify 4x the loop's step).
+        """
         c = self.config
         toks, lengths = self._batch(prompts)
         b = len(prompts)
@@ -244,7 +259,8 @@ class Engine:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, 1)
         draft = lambda: _draft_jit(self.draft_fn, self.draft_params, state, keys)
         drafts = _timed(draft)[1]
-        verify = lambda: _verify_jit(self.llm_params, self.llm_config, state.cache, drafts.tokens)
+        layers, cache = unstack_layers(self.llm_params), unstack_cache(state.cache)
+        verify = lambda: _verify_jit(layers, self.llm_config, cache, drafts.tokens)
         return _timed(draft)[0], _timed(verify)[0]
 
     def _phase_times_once(self, prompts) -> tuple[float | None, float | None]:

@@ -30,6 +30,7 @@ from pipeline.llm import (
     lm_logits,
     unstack_cache,
     unstack_layers,
+    weight_dtype,
 )
 
 # What `Generated.tokens` holds past a row's length.
@@ -123,16 +124,17 @@ def start(
     sampling: SamplingConfig,
     num_tokens: int,
     eos_ids: tuple[int, ...],
-    cache_dtype=jnp.float32,
+    cache_dtype=None,
     collect_states: bool = False,
 ) -> DecodeState:
     """Prefill [B, T] prompts into a fresh cache of T + M slots and pick each row's first token.
 
     max_new `[B]` (<= num_tokens = M), row_ids `[B]`; `collect_states` keeps each token's hidden
-    state (see `Generated.states`).
+    state (see `Generated.states`). The cache takes `cache_dtype`, by default the weights' dtype
+    (`pipeline.llm.weight_dtype`).
     """
     b, t = prompts.shape
-    cache = init_cache(config, b, t + num_tokens, cache_dtype)
+    cache = init_cache(config, b, t + num_tokens, cache_dtype or weight_dtype(params))
     pre = prefill(params, config, prompts, prompt_lengths, cache)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
     state = DecodeState(
@@ -201,7 +203,7 @@ def generate_core(
     sampling,
     num_tokens,
     eos_ids,
-    cache_dtype=jnp.float32,
+    cache_dtype=None,
     collect_states=False,
 ) -> Generated:
     """`generate` as one pure jitted function of arrays (for callers that shard it)."""
@@ -233,7 +235,7 @@ def generate(
     *,
     row_ids=None,
     eos_token_ids=None,
-    cache_dtype=jnp.float32,
+    cache_dtype=None,
     collect_states: bool = False,
 ) -> Generated:
     """[B, T] right-padded prompts, [B] lengths, sampling, key, [B] | int -> Generated [B, M].

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from drafter.config import BeamConfig
 from drafter.sampling import SamplingConfig
-from pipeline.engine import Engine, EngineConfig
+from pipeline.engine import DTYPES, Engine, EngineConfig
 
 DEFAULTS = EngineConfig()
 
@@ -35,6 +35,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                    help="prompts decoded together")  # fmt: skip
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="sampling key (temperature > 0)")
+    g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
+                   help="target weights and KV cache (bfloat16: see the README)")  # fmt: skip
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -48,6 +50,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         devices=args.devices,
         batch_size=args.batch_size,
         seed=args.seed,
+        dtype=args.dtype,
     )
 
 

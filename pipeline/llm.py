@@ -140,6 +140,12 @@ def init_params(config: LlamaConfig, key, dtype=jnp.float32) -> dict:
     return params
 
 
+def weight_dtype(params):
+    """The dtype of the target's weights (its embedding table's); decode loops give their KV
+    cache this dtype unless told otherwise."""
+    return params["embed"].dtype
+
+
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `max_len` slots per row."""
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)

@@ -40,6 +40,7 @@ from pipeline.llm import (
     init_cache,
     unstack_cache,
     unstack_layers,
+    weight_dtype,
 )
 
 
@@ -214,11 +215,13 @@ def start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, *, config:
           eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
     """Prefill [B, T] right-padded prompts into a cache of T + M + L slots; pick the first token.
 
-    max_new [B] (<= num_tokens = M), row_ids [B], `length` = L (the draft length).
+    max_new [B] (<= num_tokens = M), row_ids [B], `length` = L (the draft length). The cache
+    takes the weights' dtype, as in `pipeline.generate`, so both decodes see the same keys.
     """
     b, t = prompts.shape
     slots = t + num_tokens + length
-    pre = prefill(llm_params, config, prompts, prompt_lengths, init_cache(config, b, slots))
+    cache = init_cache(config, b, slots, weight_dtype(llm_params))
+    pre = prefill(llm_params, config, prompts, prompt_lengths, cache)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
     first_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
     pick = jax.vmap(sample, in_axes=(0, 0, None, None, None))

@@ -5,6 +5,7 @@ tests/test_cluster_job.py.)"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -78,12 +79,13 @@ def test_both_entry_points_are_the_same_cli_and_list_every_subcommand():
     "argv, flags",
     [
         (["generate"], ["--prompts", "--out", "--model", "--drafter", "--address", "--local",
-                        "--workers", "--plot", "--width", "--length", "--temperature"]),
+                        "--workers", "--plot", "--width", "--length", "--temperature",
+                        "--dtype"]),
         (["draft"], ["--prompts", "--out", "--model", "--drafter", "--width", "--length"]),
         (["train"], ["--model", "--out", "--export", "--steps", "--batch", "--lr", "--width",
                      "--eval-beams"]),
         (["bench"], list(BENCHMARKS)),
-        (["bench", "decode"], ["--out", "--model", "--batches", "--beams"]),
+        (["bench", "decode"], ["--out", "--model", "--batches", "--beams", "--dtype"]),
         (["bench", "drafter"], ["--out", "--shapes", "--batches", "--beams"]),
         (["bench", "llm"], ["--out", "--batches", "--dtype"]),
         (["bench", "cluster"], ["--out"]),
@@ -212,3 +214,12 @@ def _product(values) -> int:
     for v in values:
         out *= v
     return out
+
+
+def test_engine_flags_carry_the_dtype():
+    from pipeline.generate_cmd import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config_from_args(parser.parse_args([])).dtype == "float32"
+    assert engine_config_from_args(parser.parse_args(["--dtype", "bfloat16"])).dtype == "bfloat16"

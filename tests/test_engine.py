@@ -1,11 +1,16 @@
 """pipeline.engine on a tiny random model: results, metrics, batch-independent sampling."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from drafter.config import BeamConfig
 from drafter.sampling import SamplingConfig
+from pipeline import speculative as spec
+from pipeline.drafter_io import target_embeddings
 from pipeline.engine import Engine, EngineConfig, row_metrics
 from pipeline.generate import generate
 from pipeline.llm import LlamaConfig
@@ -74,6 +79,28 @@ def test_row_metrics_counts_the_bonus_token():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="EngineConfig.max_new_tokens"):
         EngineConfig(max_new_tokens=0)
+
+
+def test_unknown_dtype_is_named():
+    with pytest.raises(ValueError, match="EngineConfig.dtype must be one of"):
+        EngineConfig(dtype="float16")
+
+
+def test_bf16_target_gets_a_bf16_cache_and_hands_the_drafter_fp32_tables():
+    llm = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_llm(CONFIG, jax.random.key(0)))
+    config = EngineConfig(beam=BeamConfig(3, 2), max_new_tokens=6, time_phases=False)
+    eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+    assert eng.draft_params[1].embed.dtype == jnp.float32
+    tied = dataclasses.replace(eng.draft_fn.config, tie_lm_head=True, exit_dim=CONFIG.hidden_size)
+    target = target_embeddings(llm, tied)
+    assert {target.embed.dtype, target.lm_head.dtype} == {jnp.dtype(jnp.float32)}
+    toks, lengths = eng._batch([eng.encode(item) for item in ITEMS])
+    state = spec.start(eng.llm_params, toks, lengths, jnp.full((3,), 6), jax.random.key(0),
+                       jnp.arange(3), config=CONFIG, sampling=GREEDY, num_tokens=6, length=2,
+                       eos_ids=())  # fmt: skip
+    assert state.cache.k.dtype == jnp.bfloat16 and state.cache.v.dtype == jnp.bfloat16
+    for r in eng.generate(ITEMS):
+        assert 1 <= len(r["token_ids"]) <= 6 and r["metrics"]["steps"] >= 1
 
 
 def test_draft_returns_beams_rooted_at_the_first_greedy_token():

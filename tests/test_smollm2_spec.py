@@ -61,3 +61,4 @@ def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
         assert tokens == pytest.approx(r["ar_tok_s"] * statistics.median(ar_seconds), rel=1e-2)
         assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["ar_tok_s"])
         assert 1.0 <= r["accepted_per_call"] <= 3.0
+        assert r["rows_identical_to_ar"] == r["prompts"] == 8  # fp32 greedy: exact
