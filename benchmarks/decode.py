@@ -5,8 +5,9 @@ autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean
 verify call (accepted + the bonus token), how many rows equal their AR row token for token
 (greedy: all of them in fp32; not so in bf16, see the README), and one draft step / one
 tree-verify step timed alone;
-`spec_step_ms` / `ar_step_ms` are the fused loops' wall time per iteration (for spec: compare
-with draft_ms + verify_ms to see loop overhead).
+`spec_step_ms` / `ar_step_ms` are a whole call's wall time (prefill and the host round trip
+included) over its loop iterations, so they exceed draft_ms + verify_ms by the prefill's share
+too; they are not a clean measure of the loop's own overhead.
 
 Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
 rounds of (AR, every W x L), and each figure is the median over rounds. A busy or drifting
