@@ -103,6 +103,14 @@ def test_bf16_target_gets_a_bf16_cache_and_hands_the_drafter_fp32_tables():
         assert 1 <= len(r["token_ids"]) <= 6 and r["metrics"]["steps"] >= 1
 
 
+def test_phase_times_time_a_draft_and_a_verify_step_of_the_batch():
+    eng = engine()
+    prompts = [eng.encode(item) for item in ITEMS]
+    draft_ms, verify_ms = eng.phase_times(prompts)
+    assert draft_ms > 0 and verify_ms > 0
+    assert isinstance(eng.llm_params["layers"], dict)  # timed on a per-layer copy, kept stacked
+
+
 def test_draft_returns_beams_rooted_at_the_first_greedy_token():
     eng = engine()
     drafted = eng.draft(ITEMS)
