@@ -62,9 +62,10 @@ class EngineConfig:
     seed: int = 0
     time_phases: bool = True
     # The target's weights and KV cache (the drafter stays fp32). bfloat16 computes each matmul
-    # from bf16 operands into fp32: on a CPU with AMX-BF16 it made a 5-node verify step cost
-    # about one fp32 AR step and batch-8 decode 1.6x faster (README, `bench decode --dtype`), but
-    # its greedy text is the bf16 model's, which can differ from the fp32 model's.
+    # from bf16 operands into fp32: on a CPU with AMX-BF16 a 5-node verify step then cost less
+    # than one AR step, and batch-8 AR decoding ran 1.35x (`bench decode`) to 1.6x (`bench llm`)
+    # faster (README). But speculative decoding is then not exact: some rows' greedy tokens
+    # differ from bf16 AR decoding (shape-dependent kernels, amplified by bf16 rounding).
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -238,7 +239,7 @@ class Engine:
 
         The verify runs on per-layer weights and cache, split once before timing, as the decode
         loop splits them once before its loop: a stacked model inside a lone jitted call copies
-        every layer out first (in bf16 that made the timed verify 4x the loop's step).
+        every layer out first (in bf16 that made the timed verify 3-4x the loop's step).
         """
         c = self.config
         toks, lengths = self._batch(prompts)
