@@ -168,9 +168,14 @@ def batch_loss(params, config, target, teacher_head, kl_weight, windows: Window)
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on a warmup + cosine schedule with global-norm clipping (as the reference trainer)."""
+    """AdamW on a warmup + cosine schedule with global-norm clipping (as the reference trainer).
+
+    A run whose warmup takes all its steps (e.g. `specdraft train --steps 2`, warmup clamped to
+    2) only warms up: optax needs at least one decay step after the warmup.
+    """
+    decay_steps = max(train.total_steps, train.warmup_steps + 1)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train.learning_rate, train.warmup_steps, train.total_steps, train.learning_rate * 0.05
+        0.0, train.learning_rate, train.warmup_steps, decay_steps, train.learning_rate * 0.05
     )
     return optax.chain(
         optax.clip_by_global_norm(train.grad_clip),

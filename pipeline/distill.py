@@ -272,20 +272,48 @@ def build_split(llm, items, out_dir, name: str, settings: GenerationSettings, fi
     return concat(parts)
 
 
-def prepare_data(llm, model_path, out_dir, settings: GenerationSettings, limits=(None, None),
-                 progress_factory=None) -> tuple[DistillData, DistillData]:  # fmt: skip
-    """(train, held-out) DistillData from the shipped prompt files, cached under `out_dir`.
+def _prompt_key(item) -> str:
+    """What the LLM would see: the chat messages (a plain prompt is one user turn)."""
+    messages = list(item.messages) if item.messages else [{"role": "user", "content": item.prompt}]
+    return json.dumps(messages, sort_keys=True)
 
-    limits: (n_train, n_heldout) prompts to use from each file (None: all).
+
+def read_splits(files=(TRAIN_PROMPTS, HELDOUT_PROMPTS), limits=(None, None)) -> dict:
+    """{"train": [PromptItem], "heldout": [PromptItem]} from two prompt files (the shipped ones by
+    default; JSONL or plain text, see pipeline.prompts), the first `limit` prompts of each.
+
+    Raises PromptFileError (naming file and line) for a malformed file, and for a held-out prompt
+    that is also a training prompt: the held-out figures would then measure memorisation.
+    Empty prompts are skipped; each split's `skipped` list says which (id and line).
+    """
+    from pipeline.prompts import PromptFileError, read_prompts
+
+    splits, skipped = {}, {}
+    for name, file, limit in zip(("train", "heldout"), files, limits, strict=True):
+        read = read_prompts(file)
+        splits[name], skipped[name] = read.items[:limit], read.errors
+        if not splits[name]:
+            raise PromptFileError(f"{file}: no non-empty prompts for the {name} split")
+    seen = {_prompt_key(item): item.id for item in splits["train"]}
+    for item in splits["heldout"]:
+        if _prompt_key(item) in seen:
+            raise PromptFileError(
+                f"{files[1]}: held-out prompt {item.id!r} is also training prompt "
+                f"{seen[_prompt_key(item)]!r} of {files[0]}; held-out prompts must be unseen"
+            )
+    return {**splits, "skipped": skipped}
+
+
+def prepare_data(llm, model_path, out_dir, settings: GenerationSettings, splits: dict,
+                 progress_factory=None) -> tuple[DistillData, DistillData]:  # fmt: skip
+    """(train, held-out) DistillData for the prompts of `read_splits`, cached under `out_dir`.
+
     progress_factory(total, desc) -> callable(n), e.g. a tqdm's `update`.
     """
-    from pipeline.prompts import read_prompts
-
-    splits = []
-    for name, file, limit in (("train", TRAIN_PROMPTS, limits[0]), ("heldout", HELDOUT_PROMPTS,
-                                                                     limits[1])):  # fmt: skip
-        items = read_prompts(file).items[:limit]
-        fingerprint = fingerprint_of(model_path, settings.as_dict())
+    fingerprint = fingerprint_of(model_path, settings.as_dict())
+    out = []
+    for name in ("train", "heldout"):
+        items = splits[name]
         progress = progress_factory(len(items), name) if progress_factory else None
-        splits.append(build_split(llm, items, out_dir, name, settings, fingerprint, progress))
-    return splits[0], splits[1]
+        out.append(build_split(llm, items, out_dir, name, settings, fingerprint, progress))
+    return out[0], out[1]

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -82,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="use the LLM's output table as the drafter's LM head (a few MB drafter)")  # fmt: skip
     a("--draft-vocab", type=int, default=RunSpec.draft_vocab_size,
       help="K: draft over the K most frequent answer tokens; 0 = the full vocabulary")  # fmt: skip
+    a("--train-file", default=None, metavar="FILE",
+      help="training prompts, JSONL or text as for `specdraft generate --prompts` "
+      "(default: the shipped pipeline/data/train_prompts.jsonl)")  # fmt: skip
+    a("--heldout-file", default=None, metavar="FILE",
+      help="held-out prompts for the evaluation, none of them a training prompt "
+      "(default: the shipped pipeline/data/heldout_prompts.jsonl)")  # fmt: skip
     a("--train-prompts", type=int, default=None, help="use only the first N training prompts")
     a("--heldout-prompts", type=int, default=None, help="use only the first N held-out prompts")
     a("--max-new-tokens", type=int, default=128, help="answer length cap when generating data")
@@ -137,8 +144,18 @@ def _fail(err: Exception) -> int:
 def run(args) -> int:
     from pipeline import distill
     from pipeline.drafter_io import DrafterCheckpointError
+    from pipeline.prompts import PromptFileError
 
     t0 = time.time()
+    files = (Path(args.train_file or distill.TRAIN_PROMPTS),
+             Path(args.heldout_file or distill.HELDOUT_PROMPTS))  # fmt: skip
+    try:  # the prompt files first: a bad one is named before minutes of model loading
+        splits = distill.read_splits(files, (args.train_prompts, args.heldout_prompts))
+    except PromptFileError as err:
+        return _fail(err)
+    for name, skipped in splits["skipped"].items():
+        for record in skipped:
+            print(f"skipping {name} prompt {record['id']!r}: {record['error']}", file=sys.stderr)
     try:
         path, config, params, tokenizer = _load_llm(args.model)
     except FileNotFoundError as err:
@@ -147,9 +164,8 @@ def run(args) -> int:
     settings = distill.GenerationSettings(args.max_new_tokens, args.temperature)
     bars = lambda total, desc: tqdm(total=total, desc=f"answering {desc} prompts").update
     train, heldout = distill.prepare_data(
-        (params, config, tokenizer), path, out / "data", settings,
-        (args.train_prompts, args.heldout_prompts), bars,
-    )  # fmt: skip
+        (params, config, tokenizer), path, out / "data", settings, splits, bars
+    )
     print(f"data: {len(train.answer)} train tokens, {len(heldout.answer)} held-out tokens "
           f"({time.time() - t0:.0f} s so far)")  # fmt: skip
     spec = _spec(args, config)
@@ -159,7 +175,13 @@ def run(args) -> int:
     except (DrafterCheckpointError, ValueError) as err:
         return _fail(err)
     export = Path(args.export) if args.export else out / "drafter"
-    info = {**result.info, "wall_seconds_total": round(time.time() - t0, 1)}
+    data = {"train_tokens": int(len(train.answer)), "heldout_tokens": int(len(heldout.answer))}
+    for name, flag, file in zip(("train", "heldout"), (args.train_file, args.heldout_file), files,
+                                strict=True):  # fmt: skip
+        data[f"{name}_file"] = flag or f"pipeline/data/{file.name}"  # the shipped file
+        data[f"{name}_file_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        data[f"{name}_prompts"] = len(splits[name])
+    info = {**result.info, "data": data, "wall_seconds_total": round(time.time() - t0, 1)}
     from pipeline.drafter_io import save_drafter
 
     save_drafter(export, result.config, result.params, result.vocab_map, info)

@@ -223,3 +223,45 @@ def test_engine_flags_carry_the_dtype():
     add_engine_arguments(parser)
     assert engine_config_from_args(parser.parse_args([])).dtype == "float32"
     assert engine_config_from_args(parser.parse_args(["--dtype", "bfloat16"])).dtype == "bfloat16"
+
+
+def test_train_on_your_own_prompt_files_records_them(tiny_model, tmp_path):
+    train = tmp_path / "mine.jsonl"
+    rows = [{"id": f"t{i}", "prompt": f"hi number {i}"} for i in range(6)]
+    rows.insert(2, {"id": "blank", "prompt": "   "})
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    heldout = tmp_path / "held.txt"
+    heldout.write_text("a question nobody trained on\n\nanother one\n")
+    out = tmp_path / "run"
+    files = ["--train-file", str(train), "--heldout-file", str(heldout)]
+    result = cli("train", "--model", str(tiny_model), *files, "--out", str(out), "--steps", "2",
+                 "--batch", "8", "--max-new-tokens", "6", "--save-every", "2", "--eval-beams",
+                 timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "skipping train prompt 'blank': empty prompt" in result.stderr
+    info = json.loads((out / "drafter" / "drafter.json").read_text())
+    data = info["data"]
+    assert (data["train_file"], data["heldout_file"]) == (str(train), str(heldout))
+    assert (data["train_prompts"], data["heldout_prompts"]) == (6, 2)
+    assert 0 < data["train_tokens"] <= 6 * 6 and 0 < data["heldout_tokens"] <= 2 * 6
+    assert len(data["train_file_sha256"]) == 16
+    assert info["eval"]["sequences"] == 2
+
+
+def test_train_refuses_a_heldout_prompt_that_is_also_a_training_prompt(tmp_path):
+    train, heldout = tmp_path / "t.txt", tmp_path / "h.jsonl"
+    train.write_text("one\ntwo\nthree\n")
+    heldout.write_text(json.dumps({"id": "h1", "prompt": [{"role": "user", "content": "two"}]}))
+    # The model does not exist: the prompt files are checked before anything loads.
+    result = cli("train", "--model", str(tmp_path / "absent.gguf"), "--train-file", str(train),
+                 "--heldout-file", str(heldout), "--out", str(tmp_path / "r"))  # fmt: skip
+    assert_user_error(result, str(heldout), "'h1'", "training prompt '2'", str(train))
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_with_a_malformed_prompt_file_names_file_and_line(tmp_path):
+    train = tmp_path / "t.jsonl"
+    train.write_text(json.dumps({"id": "a", "prompt": "fine"}) + "\n{not json\n")
+    result = cli("train", "--train-file", str(train), "--out", str(tmp_path / "r"))
+    assert_user_error(result, f"{train}:2")
+    assert not (tmp_path / "r").exists()

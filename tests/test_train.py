@@ -111,6 +111,21 @@ def test_a_few_steps_lower_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("warmup,total", [(2, 2), (0, 1), (3, 10)])
+def test_schedule_warms_up_then_decays_even_when_warmup_takes_every_step(warmup, total):
+    train = dtrain.TrainConfig(learning_rate=1e-2, warmup_steps=warmup, total_steps=total)
+    params = {"w": jnp.ones(3)}
+    optimizer = dtrain.make_optimizer(train)
+    opt_state = optimizer.init(params)
+    moved = []
+    for _ in range(total):
+        updates, opt_state = optimizer.update({"w": jnp.ones(3)}, opt_state, params)
+        moved.append(float(jnp.abs(updates["w"]).max()))
+    # AdamW's first step moves by lr(step) whatever the gradient's scale: 0 at step 0 of a warmup.
+    assert (moved[0] == 0.0) == (warmup > 0)
+    assert max(moved) > 0 and all(np.isfinite(moved))
+
+
 def test_accepted_length_takes_the_best_beam_prefix():
     drafts = jnp.array([[7, 1, 2, 9], [7, 1, 3, 4], [7, 5, 5, 5]])
     assert int(dtrain.accepted_length(drafts, jnp.array([7, 1, 3, 4]))) == 3
