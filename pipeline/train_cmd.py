@@ -163,9 +163,13 @@ def run(args) -> int:
     out = Path(args.out)
     settings = distill.GenerationSettings(args.max_new_tokens, args.temperature)
     bars = lambda total, desc: tqdm(total=total, desc=f"answering {desc} prompts").update
-    train, heldout = distill.prepare_data(
-        (params, config, tokenizer), path, out / "data", settings, splits, bars
-    )
+    try:
+        train, heldout = distill.prepare_data(
+            (params, config, tokenizer), path, out / "data", settings, splits, bars
+        )
+    except ValueError as err:  # answers cached for other prompts or settings
+        print(file=sys.stderr)  # end the progress bar's line
+        return _fail(err)
     print(f"data: {len(train.answer)} train tokens, {len(heldout.answer)} held-out tokens "
           f"({time.time() - t0:.0f} s so far)")  # fmt: skip
     spec = _spec(args, config)

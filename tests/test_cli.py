@@ -246,6 +246,13 @@ def test_train_on_your_own_prompt_files_records_them(tiny_model, tmp_path):
     assert 0 < data["train_tokens"] <= 6 * 6 and 0 < data["heldout_tokens"] <= 2 * 6
     assert len(data["train_file_sha256"]) == 16
     assert info["eval"]["sequences"] == 2
+    # The same folder with other training prompts: its cached answers are not theirs.
+    train.write_text("\n".join(f"other prompt {i}" for i in range(6)))
+    again = cli("train", "--model", str(tiny_model), *files, "--out", str(out), timeout=300)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    error = [ln for ln in again.stderr.splitlines() if ln.startswith("specdraft train: error")]
+    assert len(error) == 1 and "cached data was made with" in error[0], again.stderr
+    assert "choose another output folder" in error[0]
 
 
 def test_train_refuses_a_heldout_prompt_that_is_also_a_training_prompt(tmp_path):
