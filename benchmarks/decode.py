@@ -55,6 +55,18 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _prompt_file(path: str):
+    """A prompt file read as an argparse type: a malformed one is a usage error naming file and
+    line, before any model loads."""
+    from pipeline.prompts import PromptFileError, read_prompts
+
+    try:
+        read_prompts(path)
+    except PromptFileError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF / HF folder (default: SmolLM2)")
     parser.add_argument("--drafter", default=None, help="drafter folder (default: shipped)")
@@ -69,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="beam width x draft length (default: 1x4 2x3 4x4)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
+    parser.add_argument("--prompts", type=_prompt_file, default=None, metavar="FILE",
+                        help="decode these prompts (JSONL or text, as `specdraft generate` reads) "
+                        "instead of the 8 built-in short questions")  # fmt: skip
+    parser.add_argument("--num-prompts", type=_at_least_one, default=None, metavar="N",
+                        help="use only the first N prompts")  # fmt: skip
     parser.add_argument("--devices", type=int, default=1, help="local devices to shard over")
     parser.add_argument("--repeats", type=_at_least_one, default=3,
                         help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
@@ -100,10 +117,21 @@ def _load(args):
     return llm_config, llm_params, tokenizer, (d.config, d.params, d.vocab_map), str(drafter_path)
 
 
-def _chunks(batch: int) -> list[list[str]]:
-    """Every prompt of PROMPTS once (cycled up to `batch` if larger), in batches of `batch`, so
-    batch 1 and batch 8 decode the same prompts and one short answer cannot decide a case."""
-    items = [PROMPTS[i % len(PROMPTS)] for i in range(max(batch, len(PROMPTS)))]
+def prompt_items(path=None, limit=None) -> list:
+    """The PromptItems to decode: the built-in PROMPTS, or a prompt file's (the first `limit`)."""
+    from pipeline.prompts import PromptItem, read_prompts
+
+    if path is None:
+        items = [PromptItem(id=str(i), prompt=p) for i, p in enumerate(PROMPTS)]
+    else:
+        items = read_prompts(path).items
+    return items[:limit]
+
+
+def _chunks(prompts: list, batch: int) -> list[list]:
+    """Every prompt once (cycled up to `batch` if larger), in batches of `batch`, so batch 1 and
+    batch 8 decode the same prompts and one short answer cannot decide a case."""
+    items = [prompts[i % len(prompts)] for i in range(max(batch, len(prompts)))]
     return [items[i : i + batch] for i in range(0, len(items), batch)]
 
 
@@ -178,15 +206,18 @@ def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from drafter.config import BeamConfig
+    from pipeline.distill import encode_prompts
     from pipeline.engine import Engine, EngineConfig
 
     beams = args.beams or [BeamConfig(1, 4), BeamConfig(2, 3), BeamConfig(4, 4)]
+    items = prompt_items(args.prompts, args.num_prompts)
     llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
     log(f"drafter: {drafter_source}")
+    # Rendered as the engine and the trainer render them, through the model's chat template.
+    encoded = encode_prompts(tokenizer, items)
     results = []
     for batch in args.batches:
-        chunks = [[tokenizer.encode_chat([{"role": "user", "content": p}]) for p in chunk]
-                  for chunk in _chunks(batch)]  # fmt: skip
+        chunks = _chunks(encoded, batch)
         engines = []
         for beam in beams:
             config = EngineConfig(beam=beam, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
@@ -208,7 +239,10 @@ def run(args: argparse.Namespace) -> dict:
             results.append(row)
     return {
         "drafter": drafter_source,
-        "prompts": list(PROMPTS),
+        "prompts_file": args.prompts,
+        "prompts": [
+            item.prompt if item.prompt is not None else list(item.messages) for item in items
+        ],  # fmt: skip
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
         "repeats": args.repeats,

@@ -85,7 +85,8 @@ def test_both_entry_points_are_the_same_cli_and_list_every_subcommand():
         (["train"], ["--model", "--out", "--export", "--steps", "--batch", "--lr", "--width",
                      "--eval-beams"]),
         (["bench"], list(BENCHMARKS)),
-        (["bench", "decode"], ["--out", "--model", "--batches", "--beams", "--dtype"]),
+        (["bench", "decode"], ["--out", "--model", "--batches", "--beams", "--dtype", "--prompts",
+                               "--num-prompts"]),
         (["bench", "drafter"], ["--out", "--shapes", "--batches", "--beams"]),
         (["bench", "llm"], ["--out", "--batches", "--dtype"]),
         (["bench", "cluster"], ["--out"]),
@@ -183,6 +184,15 @@ def test_bench_decode_with_zero_repeats_names_the_flag(tmp_path):
     result = cli("bench", "decode", "--repeats", "0", "--out", str(tmp_path / "d.json"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--repeats" in result.stderr and "got 0" in result.stderr
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_bench_decode_with_a_malformed_prompt_file_names_file_and_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "fine"}) + "\n{oops\n")
+    result = cli("bench", "decode", "--prompts", str(prompts), "--out", str(tmp_path / "d.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--prompts" in result.stderr and f"{prompts}:2" in result.stderr
     assert not (tmp_path / "d.json").exists()
 
 

@@ -62,3 +62,29 @@ def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
         assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["ar_tok_s"])
         assert 1.0 <= r["accepted_per_call"] <= 3.0
         assert r["rows_identical_to_ar"] == r["prompts"] == 8  # fp32 greedy: exact
+
+
+def test_bench_decode_on_a_prompt_file(tmp_path):
+    """`--prompts FILE --num-prompts N`: the file's first N prompts (chat messages rendered by the
+    template, as the engine does) are decoded instead of the built-in questions."""
+    import json
+
+    from cluster.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": "a", "prompt": "Name a planet."},
+            {"id": "b", "prompt": [{"role": "user", "content": "Say hi."}]},
+            {"id": "c", "prompt": "never decoded"}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "decode.json"
+    argv = ["bench", "decode", "--prompts", str(prompts), "--num-prompts", "2", "--batches", "2",
+            "--beams", "1x2", "--max-new-tokens", "4", "--repeats", "1",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert doc["prompts_file"] == str(prompts)
+    assert doc["prompts"] == ["Name a planet.", [{"role": "user", "content": "Say hi."}]]
+    (row,) = doc["results"]
+    assert row["prompts"] == 2 and row["rows_identical_to_ar"] == 2
