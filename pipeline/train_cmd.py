@@ -43,15 +43,31 @@ def _beam(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= low, else a usage error naming the value (before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--model", default=None, help="target .gguf or HF folder (default: the fetched SmolLM2)")
     a("--out", default=DEFAULT_OUT, help="run folder: data cache, checkpoints, eval.json")
     a("--export", default=None, help="drafter folder to write at the end (default OUT/drafter)")
-    a("--steps", type=int, default=RunSpec.steps, help="optimizer steps")
+    a("--steps", type=_at_least(1), default=RunSpec.steps, help="optimizer steps")
     a(
         "--batch",
-        type=int,
+        type=_at_least(1),
         default=RunSpec.batch,
         help="windows per step (a multiple of the device count)",
     )
@@ -61,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=RunSpec.learning_rate,
         help="peak learning rate (warmup + cosine)",
     )
-    a("--warmup", type=int, default=RunSpec.warmup, help="warmup steps")
+    a("--warmup", type=_at_least(0), default=RunSpec.warmup, help="warmup steps")
     a("--weight-decay", type=float, default=RunSpec.weight_decay, help="AdamW weight decay")
     a(
         "--kl-weight",
@@ -71,17 +87,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a("--state-noise", type=float, default=RunSpec.state_noise,
       help="train-time Gaussian noise on the LLM state, as a fraction of its RMS")  # fmt: skip
-    a("--width", type=int, default=RunSpec.width, help="beam width W for evaluation")
-    a("--length", type=int, default=RunSpec.length, help="draft length L (train and eval)")
+    a("--width", type=_at_least(1), default=RunSpec.width, help="beam width W for evaluation")
+    a("--length", type=_at_least(1), default=RunSpec.length, help="draft length L (train and eval)")
     a("--eval-beams", nargs="*", type=_beam, default=[_beam(x) for x in EVAL_BEAMS],
       metavar="WxL", help="further (W, L) to evaluate on the held-out prompts, recorded in "
       f"drafter.json's eval_grid (default: {' '.join(EVAL_BEAMS)}; none: the flag alone)",
       )  # fmt: skip
-    a("--layers", type=int, default=RunSpec.num_draft_layers, help="drafter ResBlocks")
-    a("--exit-dim", type=int, default=None, help="ResBlock width (default: D when tied, else 2D)")
+    a("--layers", type=_at_least(0), default=RunSpec.num_draft_layers, help="drafter ResBlocks")
+    a(
+        "--exit-dim",
+        type=_at_least(1),
+        default=None,
+        help="ResBlock width (default: D when tied, else 2D)",
+    )
     a("--tie-head", action=argparse.BooleanOptionalAction, default=True,
       help="use the LLM's output table as the drafter's LM head (a few MB drafter)")  # fmt: skip
-    a("--draft-vocab", type=int, default=RunSpec.draft_vocab_size,
+    a("--draft-vocab", type=_at_least(0), default=RunSpec.draft_vocab_size,
       help="K: draft over the K most frequent answer tokens; 0 = the full vocabulary")  # fmt: skip
     a("--train-file", default=None, metavar="FILE",
       help="training prompts, JSONL or text as for `specdraft generate --prompts` "
@@ -89,14 +110,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--heldout-file", default=None, metavar="FILE",
       help="held-out prompts for the evaluation, none of them a training prompt "
       "(default: the shipped pipeline/data/heldout_prompts.jsonl)")  # fmt: skip
-    a("--train-prompts", type=int, default=None, help="use only the first N training prompts")
-    a("--heldout-prompts", type=int, default=None, help="use only the first N held-out prompts")
-    a("--max-new-tokens", type=int, default=128, help="answer length cap when generating data")
+    a(
+        "--train-prompts",
+        type=_at_least(1),
+        default=None,
+        help="use only the first N training prompts",
+    )
+    a(
+        "--heldout-prompts",
+        type=_at_least(1),
+        default=None,
+        help="use only the first N held-out prompts",
+    )
+    a(
+        "--max-new-tokens",
+        type=_at_least(1),
+        default=128,
+        help="answer length cap when generating data",
+    )
     a("--temperature", type=float, default=0.0, help="LLM temperature for the answers")
     a("--seed", type=int, default=0, help="drafter init and data order")
-    a("--save-every", type=int, default=100, help="checkpoint period in steps")
-    a("--keep", type=int, default=3, help="checkpoints to keep")
-    a("--devices", type=int, default=None, help="local devices to use (default: all)")
+    a("--save-every", type=_at_least(1), default=100, help="checkpoint period in steps")
+    a("--keep", type=_at_least(1), default=3, help="checkpoints to keep")
+    a("--devices", type=_at_least(1), default=None, help="local devices to use (default: all)")
 
 
 def _spec(args, llm_config) -> RunSpec:

@@ -282,3 +282,15 @@ def test_train_with_a_malformed_prompt_file_names_file_and_line(tmp_path):
     result = cli("train", "--train-file", str(train), "--out", str(tmp_path / "r"))
     assert_user_error(result, f"{train}:2")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag,value,floor", [("--steps", "0", 1), ("--train-prompts", "-1", 1),
+                                              ("--max-new-tokens", "0", 1), ("--warmup", "-2", 0),
+                                              ("--batch", "x", None)])  # fmt: skip
+def test_train_refuses_an_out_of_range_count_before_any_work(tmp_path, flag, value, floor):
+    result = cli("train", flag, value, "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument {flag}" in result.stderr
+    want = f"must be >= {floor}, got {value}" if floor is not None else repr(value)
+    assert want in result.stderr
+    assert not (tmp_path / "r").exists()
