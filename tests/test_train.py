@@ -351,3 +351,19 @@ def test_shipped_drafter_fits_smollm2_and_predicts_its_greedy_continuation():
         accepted.append(int(dtrain.accepted_length(drafts.tokens, jnp.asarray(answer[j : j + 4]))))
     # An untrained drafter accepts ~nothing; the shipped one agrees with the LLM regularly.
     assert np.mean(accepted) > 0.5, accepted
+
+
+def test_read_splits_limits_skips_empty_prompts_and_refuses_an_all_empty_split(tmp_path):
+    from pipeline.prompts import PromptFileError
+
+    train, heldout = tmp_path / "t.jsonl", tmp_path / "h.txt"
+    rows = [{"id": "a", "prompt": "one"}, {"id": "e", "prompt": " "}, {"id": "b", "prompt": "two"}]
+    train.write_text("".join(f'{{"id": "{r["id"]}", "prompt": "{r["prompt"]}"}}\n' for r in rows))
+    heldout.write_text("three\n")
+    splits = distill.read_splits((train, heldout), (1, None))
+    assert [i.id for i in splits["train"]] == ["a"] and [i.id for i in splits["heldout"]] == ["1"]
+    assert [r["id"] for r in splits["skipped"]["train"]] == ["e"]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"id": "x", "prompt": ""}\n')
+    with pytest.raises(PromptFileError, match=f"{blank}: no non-empty prompts for the heldout"):
+        distill.read_splits((train, blank))
