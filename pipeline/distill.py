@@ -198,13 +198,7 @@ class GenerationSettings:
 
 def encode_prompts(tokenizer, items) -> list[list[int]]:
     """PromptItems -> token ids of their chat prompts (as the engine renders them)."""
-    out = []
-    for item in items:
-        messages = (
-            list(item.messages) if item.messages else [{"role": "user", "content": item.prompt}]
-        )
-        out.append(tokenizer.encode_chat(messages))
-    return out
+    return [tokenizer.encode_chat(item.chat_messages) for item in items]
 
 
 def _right_pad(rows: list[list[int]], width: int) -> np.ndarray:
@@ -272,12 +266,6 @@ def build_split(llm, items, out_dir, name: str, settings: GenerationSettings, fi
     return concat(parts)
 
 
-def _prompt_key(item) -> str:
-    """What the LLM would see: the chat messages (a plain prompt is one user turn)."""
-    messages = list(item.messages) if item.messages else [{"role": "user", "content": item.prompt}]
-    return json.dumps(messages, sort_keys=True)
-
-
 def read_splits(files=(TRAIN_PROMPTS, HELDOUT_PROMPTS), limits=(None, None)) -> dict:
     """{"train": [PromptItem], "heldout": [PromptItem]} from two prompt files (the shipped ones by
     default; JSONL or plain text, see pipeline.prompts), the first `limit` prompts of each.
@@ -294,12 +282,14 @@ def read_splits(files=(TRAIN_PROMPTS, HELDOUT_PROMPTS), limits=(None, None)) -> 
         splits[name], skipped[name] = read.items[:limit], read.errors
         if not splits[name]:
             raise PromptFileError(f"{file}: no non-empty prompts for the {name} split")
-    seen = {_prompt_key(item): item.id for item in splits["train"]}
+    # Compared as the chats the LLM sees: a plain prompt equals the same text as one user turn.
+    key = lambda item: json.dumps(item.chat_messages, sort_keys=True)
+    seen = {key(item): item.id for item in splits["train"]}
     for item in splits["heldout"]:
-        if _prompt_key(item) in seen:
+        if key(item) in seen:
             raise PromptFileError(
                 f"{files[1]}: held-out prompt {item.id!r} is also training prompt "
-                f"{seen[_prompt_key(item)]!r} of {files[0]}; held-out prompts must be unseen"
+                f"{seen[key(item)]!r} of {files[0]}; held-out prompts must be unseen"
             )
     return {**splits, "skipped": skipped}
 

@@ -187,10 +187,7 @@ class Engine:
     def encode(self, item: PromptItem) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this Engine has no tokenizer; use generate_ids with token ids")
-        messages = (
-            list(item.messages) if item.messages else [{"role": "user", "content": item.prompt}]
-        )
-        return self.tokenizer.encode_chat(messages)
+        return self.tokenizer.encode_chat(item.chat_messages)
 
     def _batch(self, prompts: list[list[int]]):
         lengths = np.array([len(p) for p in prompts], np.int32)

@@ -46,6 +46,13 @@ class PromptItem:
         return sum(len(m["content"]) for m in self.messages)
 
     @property
+    def chat_messages(self) -> list[dict]:
+        """The chat the model sees: the messages, or a plain prompt as one user turn."""
+        if self.messages is not None:
+            return list(self.messages)
+        return [{"role": "user", "content": self.prompt}]
+
+    @property
     def is_empty(self) -> bool:
         if self.prompt is not None:
             return not self.prompt.strip()
