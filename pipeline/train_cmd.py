@@ -189,6 +189,8 @@ def run(args) -> int:
         splits = distill.read_splits(files, (args.train_prompts, args.heldout_prompts))
     except PromptFileError as err:
         return _fail(err)
+    # Hashed now, as read: the record must describe these prompts even if a file changes later.
+    digests = [hashlib.sha256(file.read_bytes()).hexdigest()[:16] for file in files]
     for name, skipped in splits["skipped"].items():
         for record in skipped:
             print(f"skipping {name} prompt {record['id']!r}: {record['error']}", file=sys.stderr)
@@ -216,10 +218,10 @@ def run(args) -> int:
         return _fail(err)
     export = Path(args.export) if args.export else out / "drafter"
     data = {"train_tokens": int(len(train.answer)), "heldout_tokens": int(len(heldout.answer))}
-    for name, flag, file in zip(("train", "heldout"), (args.train_file, args.heldout_file), files,
-                                strict=True):  # fmt: skip
+    flags = (args.train_file, args.heldout_file)
+    for name, flag, file, digest in zip(("train", "heldout"), flags, files, digests, strict=True):
         data[f"{name}_file"] = flag or f"pipeline/data/{file.name}"  # the shipped file
-        data[f"{name}_file_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        data[f"{name}_file_sha256"] = digest
         data[f"{name}_prompts"] = len(splits[name])
     info = {**result.info, "data": data, "wall_seconds_total": round(time.time() - t0, 1)}
     from pipeline.drafter_io import save_drafter

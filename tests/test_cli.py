@@ -6,6 +6,7 @@ tests/test_cluster_job.py.)"""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -254,7 +255,7 @@ def test_train_on_your_own_prompt_files_records_them(tiny_model, tmp_path):
     assert (data["train_file"], data["heldout_file"]) == (str(train), str(heldout))
     assert (data["train_prompts"], data["heldout_prompts"]) == (6, 2)
     assert 0 < data["train_tokens"] <= 6 * 6 and 0 < data["heldout_tokens"] <= 2 * 6
-    assert len(data["train_file_sha256"]) == 16
+    assert data["train_file_sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()[:16]
     assert info["eval"]["sequences"] == 2
     # The same folder with other training prompts: its cached answers are not theirs.
     train.write_text("\n".join(f"other prompt {i}" for i in range(6)))
