@@ -175,7 +175,7 @@ def test_kv_cached_decoding_equals_full_recomputation(layers, cache_form):
     np.testing.assert_allclose(jnp.concatenate(hidden, 1), full.hidden, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(cache.lengths, [10, 10])
     assert isinstance(cache.k, tuple) == (cache_form == "per_layer")
-    np.testing.assert_allclose(np.stack(cache.k)[:, :, :10], full.new_k, atol=1e-5)
+    np.testing.assert_allclose(cache.slot_major()[0][:, :, :10], full.new_k, atol=1e-5)
 
 
 def test_padded_batch_rows_match_running_alone():
@@ -260,28 +260,25 @@ def test_packed_tree_mask_matches_each_root_to_node_path():
         np.testing.assert_allclose(out.new_k[:, 0, i], alone.new_k[:, 0, -1], atol=1e-5)
 
 
-def test_flat_cache_attention_equals_batched_heads():
-    """Both ways `attention` reads the cache (chosen by T) give the same result."""
+def test_attention_equals_a_dense_reference():
+    """`attention` on the head-major cache equals softmax(q k^T) v written out per query head."""
     ks = jax.random.split(jax.random.key(9), 6)
-    t, s = 3, 7
-    q = jax.random.normal(ks[0], (t, 4, 8))
-    k, v = jax.random.normal(ks[1], (2, t, 2, 8))
-    ck, cv = jax.random.normal(ks[2], (2, s, 2, 8))
+    t, s, hq, hkv, hd = 3, 7, 4, 2, 8
+    q = jax.random.normal(ks[0], (t, hq, hd))
+    k, v = jax.random.normal(ks[1], (2, t, hkv, hd))
+    ck, cv = jax.random.normal(ks[2], (2, s, hkv, hd))  # slot-major, as a reader thinks of it
     mask = jax.random.bernoulli(ks[3], 0.5, (t, s + t)).at[:, s:].set(jnp.eye(t, dtype=bool))
-    assert t <= llm.FLAT_CACHE_MAX_T
-    flat = llm.attention(q, k, v, ck, cv, mask)
-    scaled = (q * 8**-0.5).reshape(t, 2, 2, 8)
-    scores = jnp.concatenate(
-        [llm._cache_scores(scaled, ck, False), jnp.einsum("tkgd,ukd->tkgu", scaled, k)], -1
-    )
-    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, llm.MASKED), -1)
-    ref = llm._cache_values(probs[..., :s], cv, False) + jnp.einsum(
-        "tkgu,ukd->tkgd", probs[..., s:], v
-    )
-    np.testing.assert_allclose(flat, ref.reshape(t, 32), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(
-        llm._cache_scores(scaled, ck, True), llm._cache_scores(scaled, ck, False), atol=1e-5
-    )
+    out = llm.attention(q, k, v, jnp.transpose(ck, (1, 2, 0)), jnp.swapaxes(cv, 0, 1), mask)
+    keys, values = np.concatenate([ck, k]), np.concatenate([cv, v])  # [S+T, Hkv, hd]
+    want = np.zeros((t, hq, hd), np.float32)
+    for h in range(hq):
+        kv = h // (hq // hkv)
+        scores = np.asarray(q[:, h]) @ keys[:, kv].T / np.sqrt(hd)
+        scores = np.where(mask, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        want[:, h] = probs @ values[:, kv]
+    np.testing.assert_allclose(out, want.reshape(t, hq * hd), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_layer", [False, True])  # stacked arrays, `unstack_cache` tuples
@@ -294,21 +291,20 @@ def test_commit_writes_exactly_the_chosen_tokens(width, per_layer):
     lengths = np.asarray([1, s - 2, 0], np.int32)
     take = rng.integers(0, t, size=(b, width)).astype(np.int32)
     count = np.asarray([width, 2, 0], np.int32)  # row 1 fills the cache exactly
-    cache = KVCache(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(lengths))
+    cache = KVCache.from_slot_major(k0, v0, lengths)
     if per_layer:
         cache = unstack_cache(cache)
     out = commit(cache, jnp.asarray(new_k), jnp.asarray(new_v), jnp.asarray(take),
                  jnp.asarray(count))  # fmt: skip
     assert isinstance(out.k, tuple) == per_layer
-    if per_layer:
-        out = out._replace(k=np.stack(out.k), v=np.stack(out.v))
+    got_k, got_v = out.slot_major()
     want_k, want_v = k0.copy(), v0.copy()
     for row in range(b):
         for j in range(count[row]):
             want_k[:, row, lengths[row] + j] = new_k[:, row, take[row, j]]
             want_v[:, row, lengths[row] + j] = new_v[:, row, take[row, j]]
-    np.testing.assert_array_equal(out.k, want_k)
-    np.testing.assert_array_equal(out.v, want_v)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
     np.testing.assert_array_equal(out.lengths, lengths + count)
 
 
