@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_beam,
         default=None,
         metavar="WxL",
-        help="beam width x draft length (default: 1x4 2x3 4x4)",
+        help="beam width x draft length (default: 1x1 1x2 1x4 2x4)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
     parser.add_argument("--prompts", type=_prompt_file, default=None, metavar="FILE",
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
     from pipeline.distill import encode_prompts
     from pipeline.engine import Engine, EngineConfig
 
-    beams = args.beams or [BeamConfig(1, 4), BeamConfig(2, 3), BeamConfig(4, 4)]
+    beams = args.beams or [BeamConfig(1, 1), BeamConfig(1, 2), BeamConfig(1, 4), BeamConfig(2, 4)]
     items = prompt_items(args.prompts, args.num_prompts)
     llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
     log(f"drafter: {drafter_source}")

@@ -10,10 +10,10 @@ run() { echo "== specdraft bench $*" >&2; "$py" -m cluster bench "$@"; }
 run drafter --out "$out/drafter.json"
 run llm --batches 1 8 --out "$out/llm.json"
 for dtype in float32 bfloat16; do
-  run decode --batches 1 8 --beams 1x4 2x4 4x4 --repeats 2 --dtype "$dtype" \
+  run decode --batches 1 8 --beams 1x1 1x2 1x4 2x4 --repeats 2 --dtype "$dtype" \
     --out "$out/decode-$dtype.json"
   # The same comparison on 8 held-out prompts of the drafter's training style.
   run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --batches 1 8 \
-    --beams 1x4 2x4 --repeats 2 --dtype "$dtype" --out "$out/decode-heldout-$dtype.json"
+    --beams 1x1 1x2 1x4 2x4 --repeats 2 --dtype "$dtype" --out "$out/decode-heldout-$dtype.json"
 done
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi

@@ -50,11 +50,14 @@ class EngineConfig:
 
     model: str | None = None
     drafter: str | None = None
-    # Chosen from `specdraft bench decode` with the shipped drafter (README, benchmarks/results/
-    # cpu-decode-float32.json): at batch 1 on the CPU, 1x4 (5 tree nodes) was the fastest of
-    # 1x4, 2x4 and 4x4 (and of 2x3 in earlier runs); wider trees accept more per call but their
-    # verify step costs more.
-    beam: BeamConfig = BeamConfig(width=1, length=4)
+    # Chosen from `specdraft bench decode` with the shipped drafter (README; benchmarks/results/
+    # cpu-decode-*.json): exact fp32 at batch 1 on the CPU, 1x1 and 1x2 were the fastest of 1x1,
+    # 1x2, 1x4 and 2x4 (1.32x / 1.38x AR on held-out prompts, 1.12x / 1.03x on the short
+    # questions), and at batch 8 1x1 was the fastest on both. A 2-node verify step costs about
+    # one AR step there (XLA:CPU's one- and two-row matmuls read each weight once; from 3 rows on
+    # a step costs 1.3-1.8x), so the tree that wins is the smallest. On a GPU, where wide trees
+    # are nearly free, measure and pass a wider one (`--width`, `--length`).
+    beam: BeamConfig = BeamConfig(width=1, length=1)
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
     devices: int | None = None

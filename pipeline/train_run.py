@@ -38,7 +38,9 @@ from sharding.mesh import batch_sharding, make_mesh, replicate, replicated
 class RunSpec:
     """Everything that determines a training run's result (besides the data).
 
-    The defaults are the shipped SmolLM2 drafter's; (width, length) is the engine's default beam.
+    The defaults are the shipped SmolLM2 drafter's. `length` is the draft depth L trained (and
+    the one beam evaluated first, at `width`); the engine may draft fewer steps than trained (its
+    default is `EngineConfig.beam`), so `specdraft train --eval-beams` also reports other shapes.
     """
 
     steps: int = 3000
