@@ -4,7 +4,7 @@ For each batch size and each (W, L): tokens/s of the fused speculative decode an
 autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean tokens per
 verify call (accepted + the bonus token), how many rows equal their AR row token for token
 (greedy: all of them in fp32; not so in bf16, see the README), and one draft step / one
-tree-verify step timed alone;
+tree-verify step timed alone (median of 5 runs);
 `spec_step_ms` / `ar_step_ms` are a whole call's wall time (prefill and the host round trip
 included) over its loop iterations, so they exceed draft_ms + verify_ms by the prefill's share
 too; they are not a clean measure of the loop's own overhead.

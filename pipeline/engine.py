@@ -10,9 +10,10 @@ drafter; `Engine.from_params(...)` wraps in-memory params (tiny random models in
   drafted tokens + 1), before cutting at EOS / max-new-tokens.
 - `acceptance_per_depth[d]`: fraction of verify steps that accepted drafted token d+1.
 - `draft_ms`, `verify_ms`: one draft step and one tree-verify step of this batch, each timed
-  alone (compiled, on the state after prefill; once per batch shape); `tokens_per_s`: the
-  batch's generated tokens over the wall time of the fused decode (whole batch); `compiled`:
-  that call compiled first (the first batch of a shape), so its tokens_per_s includes it.
+  alone (compiled, on the state after prefill, the median of 5 runs; once per batch shape);
+  `tokens_per_s`: the batch's generated tokens over the wall time of the fused decode (whole
+  batch); `compiled`: that call compiled first (the first batch of a shape), so its
+  tokens_per_s includes it.
 Row `i` draws with key `fold_in(seed, crc32(item id))`: a prompt's output does not depend on the
 batch it is in, the padding, or the device count.
 """
@@ -360,12 +361,18 @@ def row_metrics(calls, accepted_hist, new_tokens: int) -> dict:
     }
 
 
-def _timed(fn):
-    """Run once to compile, then time a second run: (ms, result)."""
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
+PHASE_REPEATS = 5  # timed runs per phase; one run of a 5-40 ms step varied 2-3x on the CPU
+
+
+def _timed(fn, repeats: int = PHASE_REPEATS):
+    """Run once to compile, then time `repeats` runs: (median ms, result)."""
     out = jax.block_until_ready(fn())
-    return (time.perf_counter() - t0) * 1e3, out
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)), out
 
 
 _start_jit = jax.jit(
