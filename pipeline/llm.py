@@ -84,9 +84,9 @@ class KVCache(NamedTuple):
     either as stacked arrays (the storage form `init_cache` makes) or as tuples of N per-layer
     arrays (`unstack_cache`, for decode loops); both index as `k[n]`. A decode step's attention is
     then, per row and head, `q [G, hd] @ k [hd, S]` and `p [G, S] @ v [S, hd]`: plain matmuls over
-    contiguous blocks. With the slot-major `[B, S, Hkv, hd]` layout XLA (CPU) relaid out both
-    operands on every step; at batch 64 with 224 slots the attention of one layer took 4-5 ms
-    against 1.5 ms (jax 0.10). Slots `>= lengths[b]` hold garbage and are always masked out.
+    contiguous blocks. On the slot-major `[B, S, Hkv, hd]` layout XLA's (CPU) batched dots ran
+    far below memory bandwidth: at batch 64 with 224 slots one layer's attention took 6-10 ms
+    against 1.5-2 ms now (jax 0.10). Slots `>= lengths[b]` hold garbage and are always masked out.
     `slot_major()` / `from_slot_major` convert from / to the `[N, B, S, Hkv, hd]` view that
     `ForwardOut.new_k` uses (for tests and inspection).
     """
@@ -367,24 +367,22 @@ def commit(cache: KVCache, new_k, new_v, take, count) -> KVCache:
         picked = jnp.take_along_axis(new, take[None, :, :, None, None], axis=2)
         return jnp.moveaxis(picked, 0, 2)
 
-    # Mixed advanced indices (rows, slots) and slices put the indexed [B, T'] dims first.
-    def write_k(buf, picked):  # buf [(N,) B, Hkv, hd, S]
+    def write(buf, picked, index):
+        """Scatter `picked` into every layer of `buf` at `index` (per layer: rows, ..., slots).
+
+        Mixed advanced indices (rows, slots) and slices put the indexed [B, T'] dims first, so
+        a layer takes `picked[:, :, n]` and the stacked form all of `picked` as it is.
+        """
         if isinstance(buf, (tuple, list)):
             return tuple(
-                layer.at[rows, :, :, slots].set(picked[:, :, n].astype(layer.dtype), mode="drop")
+                layer.at[index].set(picked[:, :, n].astype(layer.dtype), mode="drop")
                 for n, layer in enumerate(buf)
             )
-        return buf.at[:, rows, :, :, slots].set(picked.astype(buf.dtype), mode="drop")
+        return buf.at[(slice(None), *index)].set(picked.astype(buf.dtype), mode="drop")
 
-    def write_v(buf, picked):  # buf [(N,) B, Hkv, S, hd]
-        if isinstance(buf, (tuple, list)):
-            return tuple(
-                layer.at[rows, :, slots].set(picked[:, :, n].astype(layer.dtype), mode="drop")
-                for n, layer in enumerate(buf)
-            )
-        return buf.at[:, rows, :, slots].set(picked.astype(buf.dtype), mode="drop")
-
-    k, v = write_k(cache.k, pick(new_k)), write_v(cache.v, pick(new_v))
+    whole = slice(None)
+    k = write(cache.k, pick(new_k), (rows, whole, whole, slots))  # [B, Hkv, hd, S] per layer
+    v = write(cache.v, pick(new_v), (rows, whole, slots))  # [B, Hkv, S, hd] per layer
     return KVCache(k, v, cache.lengths + count)
 
 
