@@ -189,7 +189,11 @@ class GenerationSettings:
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
-    chunk_size: int = 32
+    # Prompts answered per batch. Answering the first 128 training prompts (13,910 answer tokens)
+    # on the 2-core CPU ran at 149 tok/s in chunks of 32, 193 in chunks of 64 and 212 in one
+    # chunk of 128, the same tokens (README). The KV cache grows with it: 128 rows of 128-token
+    # prompts plus 128 answer tokens hold about 1.5 GB in fp32.
+    chunk_size: int = 128
     system_prompt: str | None = None
 
     def as_dict(self) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.distill import GenerationSettings
 from pipeline.train_run import RunSpec, fit
 
 DEFAULT_OUT = "runs/drafter-smollm2"
@@ -129,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="answer length cap when generating data",
     )
     a("--temperature", type=float, default=0.0, help="LLM temperature for the answers")
+    a("--gen-batch", type=_at_least(1), default=GenerationSettings.chunk_size,
+      help="prompts the LLM answers per batch when generating data (one cached chunk each)",
+      )  # fmt: skip
     a("--seed", type=int, default=0, help="drafter init and data order")
     a("--save-every", type=_at_least(1), default=100, help="checkpoint period in steps")
     a("--keep", type=_at_least(1), default=3, help="checkpoints to keep")
@@ -199,7 +203,9 @@ def run(args) -> int:
     except FileNotFoundError as err:
         return _fail(err)
     out = Path(args.out)
-    settings = distill.GenerationSettings(args.max_new_tokens, args.temperature)
+    settings = distill.GenerationSettings(
+        args.max_new_tokens, args.temperature, chunk_size=args.gen_batch
+    )
     bars = lambda total, desc: tqdm(total=total, desc=f"answering {desc} prompts").update
     try:
         train, heldout = distill.prepare_data(

@@ -5,7 +5,9 @@ training never depends on this script's randomness. Prompts are templates x topi
 standalone questions, shuffled with a fixed seed. The held-out split uses templates and topics the
 training split also uses, but never the same (template, topic) pair. A second round (`more_rows`)
 appends further pairs to the training split only: unused first-round pairs, then pairs with new
-topics and templates (1600 training prompts in all, 64 held out).
+topics and templates (1600 training prompts in all, 64 held out). A third round
+(`third_rows`) appends 1600 more pairs drawn from all templates x topics not yet used by either
+split (3200 training prompts in all).
 """
 
 from __future__ import annotations
@@ -357,10 +359,25 @@ def more_rows(first_id: int, seed: int = 1, n_grid: int = 500, n_more: int = 460
     return [{"id": f"p{first_id + i:04d}", "prompt": p} for i, p in enumerate(prompts)]
 
 
+def third_rows(used: list[dict], seed: int = 2, n: int = 1600) -> list[dict]:
+    """`n` further training rows: (template, topic) pairs of all templates x topics whose prompt
+    is not among `used` (every row of both splits so far, so no held-out pair either), shuffled
+    with `seed`. Ids continue after the largest used id."""
+    seen = {row["prompt"] for row in used}
+    pairs = [(tm, tp) for tm in TEMPLATES + MORE_TEMPLATES for tp in TOPICS + MORE_TOPICS]
+    fresh = [tm.format(t=tp) for tm, tp in pairs if tm.format(t=tp) not in seen]
+    random.Random(seed).shuffle(fresh)
+    if len(fresh) < n:
+        raise ValueError(f"only {len(fresh)} unused pairs left, {n} asked for")
+    first_id = 1 + max(int(row["id"][1:]) for row in used)
+    return [{"id": f"p{first_id + i:04d}", "prompt": p} for i, p in enumerate(fresh[:n])]
+
+
 def main() -> None:
     here = Path(__file__).parent
     train, heldout = build(**FIRST_ROUND)
     train += more_rows(len(train) + len(heldout))
+    train += third_rows(train + heldout)
     for name, rows in (("train_prompts.jsonl", train), ("heldout_prompts.jsonl", heldout)):
         with open(here / name, "w") as f:
             for row in rows:
