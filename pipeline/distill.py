@@ -95,8 +95,14 @@ def load_npz(path: Path, fingerprint: dict) -> DistillData:
     with np.load(path) as f:
         stored = json.loads(str(f["fingerprint"]))
         if stored != fingerprint:
+            keys = sorted(set(stored) | set(fingerprint), key=str)
+            diff = ", ".join(
+                f"{k} {stored.get(k)!r} (now {fingerprint.get(k)!r})"
+                for k in keys
+                if stored.get(k) != fingerprint.get(k)
+            )
             raise ValueError(
-                f"{path}: cached data was made with {stored}, not {fingerprint}; "
+                f"{path}: cached data was made with other prompts or settings: {diff}; "
                 "delete it or choose another output folder"
             )
         return DistillData(f["answer"], f["hidden"], f["offsets"])
