@@ -53,8 +53,9 @@ class EngineConfig:
     drafter: str | None = None
     # Chosen from `specdraft bench decode` with the shipped drafter (README; benchmarks/results/
     # cpu-decode-*.json): exact fp32 at batch 1 on the CPU, 1x1 and 1x2 were the fastest of 1x1,
-    # 1x2, 1x4 and 2x4 (1.32x / 1.38x AR on held-out prompts, 1.12x / 1.03x on the short
-    # questions), and at batch 8 1x1 was the fastest on both. A 2-node verify step costs about
+    # 1x2, 1x4 and 2x4 (1.29x / 1.38x AR on held-out prompts, 1.09x / 1.07x on the short
+    # questions), and at batch 8 1x1 was the fastest on the held-out prompts (1.05x) and 4% behind
+    # 1x2 on the short questions (0.89x / 0.93x). A 2-node verify step costs about
     # one AR step there (one fp32 forward over 1 or 2 tokens took 40-41 ms, over 3 tokens 55 ms,
     # over 5 about 68 ms; ad-hoc), so the tree that wins is the smallest. On a GPU, where wide trees
     # are nearly free, measure and pass a wider one (`--width`, `--length`).
