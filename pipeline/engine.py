@@ -57,8 +57,10 @@ class EngineConfig:
     # questions), and at batch 8 1x1 was the fastest on the held-out prompts (1.05x) and 4% behind
     # 1x2 on the short questions (0.89x / 0.93x). A 2-node verify step costs about
     # one AR step there (one fp32 forward over 1 or 2 tokens took 40-41 ms, over 3 tokens 55 ms,
-    # over 5 about 68 ms; ad-hoc), so the tree that wins is the smallest. On a GPU, where wide trees
-    # are nearly free, measure and pass a wider one (`--width`, `--length`).
+    # over 5 about 68 ms; ad-hoc, before the head-major KV cache; in the loop now, a step cost
+    # 32.3 ms AR, 41.7 at 1x1, 43.3 at 1x2, 53.3 at 1x4: README), so the smallest tree wins.
+    # On a GPU, where wide trees are nearly free, measure and pass a wider one (`--width`,
+    # `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
