@@ -4,10 +4,14 @@ For each batch size and each (W, L): tokens/s of the fused speculative decode an
 autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean tokens per
 verify call (accepted + the bonus token), how many rows equal their AR row token for token
 (greedy: all of them in fp32; not so in bf16, see the README), and one draft step / one
-tree-verify step timed alone (median of 5 runs);
-`spec_step_ms` / `ar_step_ms` are a whole call's wall time (prefill and the host round trip
-included) over its loop iterations, so they exceed draft_ms + verify_ms by the prefill's share
-too; they are not a clean measure of the loop's own overhead.
+tree-verify step timed alone (median of 5 runs).
+
+Step costs: `spec_step_ms` / `ar_step_ms` are a whole call's wall time (prefill and the host round
+trip included) over its loop iterations. `spec_loop_step_ms` / `ar_loop_step_ms` are the loop's
+own: the same calls are also timed with a token limit of 1 (prefill and the first token, no loop
+iteration; same compiled executable, the limit is an array), in the same rounds, and that time is
+subtracted. `per_call_for_2x` = 2 x spec_loop / ar_loop: the tokens per call at which the loop
+alone would run at twice AR's speed.
 
 Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
 rounds of (AR, every W x L), and each figure is the median over rounds. A busy or drifting
@@ -142,16 +146,24 @@ def _timed(fn, chunks):
     return time.perf_counter() - t0, outs
 
 
-def _ar_runner(engine, max_new: int):
-    """prompts -> Generated of plain autoregressive decoding, on the engine's model."""
-    import jax
+def _ar_runner(engine, max_new: int, limit: int | None = None):
+    """prompts -> Generated of plain autoregressive decoding, on the engine's model.
 
-    from pipeline.generate import generate
+    Compiled for `max_new` tokens; `limit` (<= max_new) lowers the rows' limit in the same
+    executable (1: prefill and first token only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pipeline.generate import generate_core
 
     def run(prompts):
         toks, lengths = engine._batch(prompts)
-        out = generate(engine.llm_params, engine.llm_config, toks, lengths,
-                       engine.config.sampling, jax.random.key(0), max_new)  # fmt: skip
+        b, cfg = len(prompts), engine.llm_config
+        rows_max = jnp.full((b,), max_new if limit is None else limit, jnp.int32)
+        out = generate_core(engine.llm_params, toks, lengths, rows_max, jax.random.key(0),
+                            jnp.arange(b, dtype=jnp.int32), config=cfg,
+                            sampling=engine.config.sampling, num_tokens=max_new,
+                            eos_ids=cfg.eos_token_ids)  # fmt: skip
         return jax.device_get(out)
 
     return run
@@ -172,8 +184,16 @@ def _interleaved(runners, chunks, repeats: int):
     return seconds, outs
 
 
-def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
-    """One result row from (seconds per round, outputs) of spec and of AR decoding."""
+def _loop_ms(whole: list[float], prefill: list[float], steps: int) -> float | None:
+    """ms per loop iteration: the median over rounds of (whole pass - prefill pass) / steps."""
+    if steps < 1:
+        return None
+    return statistics.median(w - p for w, p in zip(whole, prefill, strict=True)) * 1e3 / steps
+
+
+def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -> dict:
+    """One result row from (seconds per round, outputs) of spec and of AR decoding, and the
+    seconds per round of their prefill-only passes."""
     spec_s, ar_s = statistics.median(spec[0]), statistics.median(ar[0])
     spec_tokens = sum(int(o.lengths.sum()) for o in spec[1])
     ar_tokens = sum(int(o.lengths.sum()) for o in ar[1])
@@ -185,6 +205,11 @@ def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
         for i in range(len(s.lengths))
     ]
     draft_ms, verify_ms = engine.phase_times(chunks[0])
+    spec_steps = sum(int(o.calls.max()) for o in spec[1])
+    # AR's first token comes from the prefill; each further one is a loop iteration.
+    ar_steps = sum(int(o.lengths.max()) - 1 for o in ar[1])
+    spec_loop = _loop_ms(spec[0], spec_prefill, spec_steps)
+    ar_loop = _loop_ms(ar[0], ar_prefill, ar_steps)
     return {
         "batch": batch,
         "width": beam.width,
@@ -197,10 +222,17 @@ def _row(engine, chunks, beam, batch: int, spec, ar) -> dict:
         "accepted_per_call": float((hist * (1 + np.arange(hist.size))).sum() / hist.sum()),
         "draft_ms": draft_ms,
         "verify_ms": verify_ms,
-        "spec_step_ms": spec_s * 1e3 / sum(int(o.calls.max()) for o in spec[1]),
+        "spec_step_ms": spec_s * 1e3 / spec_steps,
         "ar_step_ms": ar_s * 1e3 / sum(int(o.lengths.max()) for o in ar[1]),
+        "spec_loop_steps": spec_steps,
+        "ar_loop_steps": ar_steps,
+        "spec_loop_step_ms": spec_loop,
+        "ar_loop_step_ms": ar_loop,
+        "per_call_for_2x": 2 * spec_loop / ar_loop if spec_loop and ar_loop else None,
         "spec_seconds": [round(x, 3) for x in spec[0]],
         "ar_seconds": [round(x, 3) for x in ar[0]],
+        "spec_prefill_seconds": [round(x, 3) for x in spec_prefill],
+        "ar_prefill_seconds": [round(x, 3) for x in ar_prefill],
     }
 
 
@@ -225,16 +257,27 @@ def run(args: argparse.Namespace) -> dict:
             engines.append(
                 Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
             )
-        spec_runners = [
-            lambda prompts, e=e: e.generate_ids(prompts, list(range(len(prompts))))[0]
-            for e in engines
-        ]
+
+        def spec_runner(engine, limit=None):
+            return lambda prompts: engine.generate_ids(prompts, list(range(len(prompts))), limit)[0]
+
         log(f"batch {batch}: compiling AR and {len(beams)} beam shapes")
-        runners = [_ar_runner(engines[0], args.max_new_tokens), *spec_runners]
+        # Whole passes, then the same calls limited to one token (prefill only), all interleaved.
+        runners = [_ar_runner(engines[0], args.max_new_tokens)]
+        runners += [spec_runner(e) for e in engines]
+        runners += [_ar_runner(engines[0], args.max_new_tokens, limit=1)]
+        runners += [spec_runner(e, limit=1) for e in engines]
         seconds, outs = _interleaved(runners, chunks, args.repeats)
+        n = len(engines) + 1
+        for out in outs[n:]:
+            iterations = [int(o.calls.max()) if hasattr(o, "calls") else int(o.lengths.max()) - 1
+                          for o in out]  # fmt: skip
+            if any(iterations):  # a prefill pass must not enter the loop
+                raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
         ar = (seconds[0], outs[0])
         for i, (beam, engine) in enumerate(zip(beams, engines, strict=True)):
-            row = _row(engine, chunks, beam, batch, (seconds[i + 1], outs[i + 1]), ar)
+            spec = (seconds[i + 1], outs[i + 1])
+            row = _row(engine, chunks, beam, batch, spec, ar, seconds[n + i + 1], seconds[n])
             log(str(row))
             results.append(row)
     return {

@@ -211,15 +211,25 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate_ids(self, prompts: list[list[int]], row_ids: list[int]):
-        """Token-id prompts -> (SpecOut as numpy, seconds of the fused decode)."""
+    def generate_ids(
+        self, prompts: list[list[int]], row_ids: list[int], max_new: int | None = None
+    ):
+        """Token-id prompts -> (SpecOut as numpy, seconds of the fused decode).
+
+        `max_new` lowers every row's token limit below `config.max_new_tokens` without a new
+        compile (the limit is an array; the shapes keep `max_new_tokens`): 1 runs the prefill
+        and the first token only, which `bench decode` subtracts to time the loop alone.
+        """
         c = self.config
+        limit = c.max_new_tokens if max_new is None else max_new
+        if not 0 <= limit <= c.max_new_tokens:
+            raise ValueError(f"max_new must be in 0..{c.max_new_tokens}, got {max_new}")
         toks, lengths = self._batch(prompts)
         b = len(prompts)
         args = (
             toks,
             lengths,
-            jnp.full((b,), c.max_new_tokens, jnp.int32),
+            jnp.full((b,), limit, jnp.int32),
             jax.random.key(c.seed),
             jnp.asarray(row_ids, jnp.int32),
         )

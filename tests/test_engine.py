@@ -62,6 +62,21 @@ def test_greedy_results_equal_autoregressive_and_metrics_add_up():
         assert len(m["acceptance_per_depth"]) == 2
 
 
+def test_a_lower_token_limit_reuses_the_executable_and_cuts_every_row():
+    eng = engine()
+    prompts = [eng.encode(item) for item in ITEMS]
+    full, _ = eng.generate_ids(prompts, [0, 1, 2])
+    compiled = eng._generate.cache_size()
+    first, _ = eng.generate_ids(prompts, [0, 1, 2], max_new=1)  # prefill and first token only
+    assert eng._generate.cache_size() == compiled and not eng.last_call_compiled
+    assert first.lengths.tolist() == [1, 1, 1] and first.calls.tolist() == [0, 0, 0]
+    assert first.tokens[:, 0].tolist() == full.tokens[:, 0].tolist()
+    three, _ = eng.generate_ids(prompts, [0, 1, 2], max_new=3)
+    assert (three.tokens[:, :3] == full.tokens[:, :3]).all() and three.lengths.max() <= 3
+    with pytest.raises(ValueError, match=r"max_new must be in 0\.\.10, got 11"):
+        eng.generate_ids(prompts, [0, 1, 2], max_new=11)
+
+
 def test_sampled_output_does_not_depend_on_the_batch():
     hot = SamplingConfig(temperature=1.0)
     together = engine(hot, batch_size=3).generate(ITEMS)

@@ -55,6 +55,7 @@ def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
     assert doc["repeats"] == 3 and doc["accepted_per_call_counts_bonus_token"]
     assert [(r["batch"], r["width"], r["length"]) for r in doc["results"]] == [(1, 1, 2), (1, 2, 2)]
     ar_seconds = doc["results"][0]["ar_seconds"]
+    ar_prefill = doc["results"][0]["ar_prefill_seconds"]
     for r in doc["results"]:
         assert len(r["spec_seconds"]) == 3 and r["ar_seconds"] == ar_seconds  # one AR series
         tokens = r["spec_tok_s"] * statistics.median(r["spec_seconds"])
@@ -62,6 +63,17 @@ def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
         assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["ar_tok_s"])
         assert 1.0 <= r["accepted_per_call"] <= 3.0
         assert r["rows_identical_to_ar"] == r["prompts"] == 8  # fp32 greedy: exact
+        # The loop's own step cost: whole passes minus the prefill-only passes of the same round.
+        assert len(r["spec_prefill_seconds"]) == 3 and r["ar_prefill_seconds"] == ar_prefill
+        assert r["ar_loop_steps"] == 8 * 3  # 4 tokens a prompt: the prefill's + 3 iterations
+        assert 8 <= r["spec_loop_steps"] <= 8 * 3
+        for kind in ("spec", "ar"):
+            whole, pre = r[f"{kind}_seconds"], r[f"{kind}_prefill_seconds"]
+            loop_s = statistics.median(w - p for w, p in zip(whole, pre, strict=True))
+            ms = loop_s * 1e3 / r[f"{kind}_loop_steps"]
+            assert r[f"{kind}_loop_step_ms"] == pytest.approx(ms, rel=1e-2, abs=0.05)
+        ratio = r["spec_loop_step_ms"] / r["ar_loop_step_ms"]
+        assert r["per_call_for_2x"] == pytest.approx(2 * ratio)
 
 
 def test_bench_decode_on_a_prompt_file(tmp_path):
