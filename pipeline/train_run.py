@@ -43,7 +43,7 @@ class RunSpec:
     default is `EngineConfig.beam`), so `specdraft train --eval-beams` also reports other shapes.
     """
 
-    steps: int = 4000
+    steps: int = 8000
     batch: int = 128
     learning_rate: float = 2e-3
     warmup: int = 50
