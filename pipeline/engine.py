@@ -52,15 +52,12 @@ class EngineConfig:
     model: str | None = None
     drafter: str | None = None
     # Chosen from `specdraft bench decode` with the shipped drafter (README; benchmarks/results/
-    # cpu-decode-*.json): exact fp32 at batch 1 on the CPU, 1x1 and 1x2 were the fastest of 1x1,
-    # 1x2, 1x4 and 2x4 (1.29x / 1.38x AR on held-out prompts, 1.09x / 1.07x on the short
-    # questions), and at batch 8 1x1 was the fastest on the held-out prompts (1.05x) and 4% behind
-    # 1x2 on the short questions (0.89x / 0.93x). A 2-node verify step costs about
-    # one AR step there (one fp32 forward over 1 or 2 tokens took 40-41 ms, over 3 tokens 55 ms,
-    # over 5 about 68 ms; ad-hoc, before the head-major KV cache; in the loop now, a step cost
-    # 32.3 ms AR, 41.7 at 1x1, 43.3 at 1x2, 53.3 at 1x4: README), so the smallest tree wins.
-    # On a GPU, where wide trees are nearly free, measure and pass a wider one (`--width`,
-    # `--length`).
+    # cpu-decode-*.json), exact fp32 on the CPU. At batch 1, 1x1 and 1x2 were the fastest of 1x1,
+    # 1x2, 1x4 and 2x4: 1.47x / 1.62x AR on held-out prompts, 1.11x / 1.00x on the short
+    # questions. At batch 8, 1x1 was the fastest on both (1.20x and 0.82x). A loop step cost
+    # 36.3 ms AR, 38.4 at 1x1, 45.5 at 1x2, 57.9 at 1x4 (held-out run; prefill excluded), so the
+    # smallest trees win. On a GPU, where wide trees are nearly free, measure and pass a wider
+    # one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
