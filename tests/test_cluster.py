@@ -127,7 +127,10 @@ def test_killed_worker_mid_batch_loses_and_duplicates_nothing(local_ray, tmp_pat
     assert sorted(ids) == sorted(p.id for p in prompts)
     assert summary["redispatched_batches"] >= 1
     assert summary["duplicates_dropped"] == 0
-    assert summary["workers"]["worker-1"]["prompts"] > summary["workers"]["worker-0"]["prompts"]
+    # The survivor did most of the work. On a loaded machine worker-0 may die before answering
+    # anything, and a worker with no answers has no entry in the summary.
+    killed = summary["workers"].get("worker-0", {"prompts": 0})["prompts"]
+    assert summary["workers"]["worker-1"]["prompts"] > killed
 
 
 def test_restarted_worker_rejoins(local_ray, tmp_path):
