@@ -14,9 +14,9 @@ subtracted. `per_call_for_2x` = 2 x spec_loop / ar_loop: the tokens per call at 
 alone would run at twice AR's speed.
 
 Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
-rounds of (AR, every W x L), and each figure is the median over rounds. A busy or drifting
-machine then shifts AR and spec alike instead of whichever case ran during a slow minute (the
-seconds of every round are in the JSON).
+rounds of (AR, every W x L, then each of them prefill-only), and each figure is the median over
+rounds. A busy or drifting machine then shifts AR and spec alike instead of whichever case ran
+during a slow minute (the seconds of every round are in the JSON).
 
 The drafter is the shipped one when present, else `--drafter DIR`, else a fresh untrained one;
 the JSON says which.
