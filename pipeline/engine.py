@@ -277,8 +277,8 @@ class Engine:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, 1)
         draft = lambda: _draft_jit(self.draft_fn, self.draft_params, state, keys)
         drafts = _timed(draft)[1]
-        layers, cache = unstack_layers(self.llm_params), unstack_cache(state.cache)
-        verify = lambda: _verify_jit(layers, self.llm_config, cache, drafts.tokens)
+        cache = unstack_cache(state.cache)  # the layers are held unstacked already
+        verify = lambda: _verify_jit(self.llm_params, self.llm_config, cache, drafts.tokens)
         return _timed(draft)[0], _timed(verify)[0]
 
     def _phase_times_once(self, prompts) -> tuple[float | None, float | None]:
