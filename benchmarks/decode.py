@@ -269,11 +269,11 @@ def run(args: argparse.Namespace) -> dict:
         runners += [spec_runner(e, limit=1) for e in engines]
         seconds, outs = _interleaved(runners, chunks, args.repeats)
         n = len(engines) + 1
-        for out in outs[n:]:
-            iterations = [int(o.calls.max()) if hasattr(o, "calls") else int(o.lengths.max()) - 1
-                          for o in out]  # fmt: skip
-            if any(iterations):  # a prefill pass must not enter the loop
-                raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
+        # A prefill-only pass must not enter the loop: AR's first token is the prefill's.
+        iterations = [int(o.lengths.max()) - 1 for o in outs[n]]
+        iterations += [int(o.calls.max()) for out in outs[n + 1 :] for o in out]
+        if any(iterations):
+            raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
         ar = (seconds[0], outs[0])
         for i, (beam, engine) in enumerate(zip(beams, engines, strict=True)):
             spec = (seconds[i + 1], outs[i + 1])
