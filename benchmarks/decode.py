@@ -3,7 +3,7 @@
 For each batch size and each (W, L): tokens/s of the fused speculative decode and of plain
 autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean tokens per
 verify call (accepted + the bonus token), how many rows equal their AR row token for token
-(greedy: all of them in fp32; not so in bf16, see the README), and one draft step / one
+(greedy: all of them, in fp32 and in bf16; see the README), and one draft step / one
 tree-verify step timed alone (median of 5 runs).
 
 Step costs: `spec_step_ms` / `ar_step_ms` are a whole call's wall time (prefill and the host round

@@ -120,7 +120,7 @@ def target_embeddings(llm_params: dict, config: DrafterConfig, vocab_map=None) -
     The tied head is the LLM's output table: its untied `lm_head` if it has one, else `embed`.
     The tables are handed over in fp32 whatever the target's dtype: the drafter computes in fp32,
     as it was trained, and on the CPU a bf16 table made each one-row drafting matmul several
-    times slower (see `pipeline.llm.weight_dtype`).
+    times slower.
     """
     to_f32 = lambda table: jnp.asarray(table, jnp.float32)
     embed = to_f32(llm_params["embed"])

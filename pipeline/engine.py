@@ -65,11 +65,9 @@ class EngineConfig:
     batch_size: int = 8
     seed: int = 0
     time_phases: bool = True
-    # The target's weights and KV cache (the drafter stays fp32). bfloat16 computes each matmul
-    # from bf16 operands into fp32: on a CPU with AMX-BF16 a 5-node verify step then cost less
-    # than one AR step, and batch-8 AR decoding ran 1.35x (`bench decode`) to 1.6x (`bench llm`)
-    # faster (README). But speculative decoding is then not exact: some rows' greedy tokens
-    # differ from bf16 AR decoding (shape-dependent kernels, amplified by bf16 rounding).
+    # The target's weights (the drafter and the KV cache stay fp32). bfloat16 halves the weights'
+    # memory and keeps greedy decoding exact: activations enter each bf16 matmul as two bf16
+    # parts (`pipeline.llm._split`), so products keep about fp32 accuracy (README, Benchmarks).
     dtype: str = "float32"
 
     def __post_init__(self):

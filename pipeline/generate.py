@@ -30,7 +30,6 @@ from pipeline.llm import (
     lm_logits,
     unstack_cache,
     unstack_layers,
-    weight_dtype,
 )
 
 # What `Generated.tokens` holds past a row's length.
@@ -130,11 +129,12 @@ def start(
     """Prefill [B, T] prompts into a fresh cache of T + M slots and pick each row's first token.
 
     max_new `[B]` (<= num_tokens = M), row_ids `[B]`; `collect_states` keeps each token's hidden
-    state (see `Generated.states`). The cache takes `cache_dtype`, by default the weights' dtype
-    (`pipeline.llm.weight_dtype`).
+    state (see `Generated.states`). The cache takes `cache_dtype`, by default fp32 whatever the
+    weights' dtype, as in `pipeline.speculative` (a bf16 cache rounds each key/value, and the two
+    decodes' last-bit differences then grow until tokens differ; see `pipeline.llm`).
     """
     b, t = prompts.shape
-    cache = init_cache(config, b, t + num_tokens, cache_dtype or weight_dtype(params))
+    cache = init_cache(config, b, t + num_tokens, cache_dtype or jnp.float32)
     pre = prefill(params, config, prompts, prompt_lengths, cache)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
     state = DecodeState(

@@ -36,8 +36,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prompts decoded together")  # fmt: skip
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="sampling key (temperature > 0)")
     g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
-                   help="target weights and KV cache; bfloat16 is faster where matmuls have bf16 "
-                        "kernels, but its greedy output is not exactly AR's (README)")  # fmt: skip
+                   help="target weights (the KV cache stays fp32); bfloat16 halves their memory, "
+                        "greedy output stays exactly AR's (README)")  # fmt: skip
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -14,8 +14,11 @@ lets the verifier score a packed prefix tree of drafts in one pass. Prompts are 
 RoPE uses the Hugging Face "rotate-half" layout (the two halves of each head are the real and
 imaginary parts); the GGUF loader un-permutes q/k into it.
 
-Weights may be fp32 or bf16: matmuls take the weight's dtype and accumulate in fp32; the residual
-stream, norms, softmax and logits stay fp32.
+Weights may be fp32 or bf16. Activations are never rounded to bf16: a bf16 weight multiplies the
+fp32 activations split into two bf16 parts (`_split`), accumulating in fp32, so every product keeps
+about fp32 accuracy. The residual stream, norms, softmax, logits and (by default) the KV cache stay
+fp32. Rounding the activations instead lets the last-bit differences between two shapes of the same
+computation (a one-token AR step, a many-node verify step) grow until an argmax flips.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+F32 = jnp.float32
 # Finite, so a query whose every column is masked gets a uniform (not NaN) distribution.
 MASKED = -1e30
 
@@ -157,12 +161,6 @@ def init_params(config: LlamaConfig, key, dtype=jnp.float32) -> dict:
     return params
 
 
-def weight_dtype(params):
-    """The dtype of the target's weights (its embedding table's); decode loops give their KV
-    cache this dtype unless told otherwise."""
-    return params["embed"].dtype
-
-
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `max_len` slots per row."""
     n, h, hd = config.num_layers, config.num_kv_heads, config.head_dim
@@ -211,9 +209,32 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def _split(x, dtype):
+    """[..., I] -> [..., P, I] in `dtype`, parts that sum to `x` (fp32): P = 1 for fp32; for a
+    narrower dtype a high and a low part, together exact to about 16 significant bits, so a
+    product with a `dtype` weight (exact products, fp32 sums) keeps about fp32 accuracy."""
+    x = x.astype(F32)
+    if dtype == F32:
+        return x[..., None, :]
+    hi = x.astype(dtype)
+    lo = (x - hi.astype(F32)).astype(dtype)
+    return jnp.stack([hi, lo], axis=-2)
+
+
 def _dense(x, w):
-    """[..., I], [I, O] -> [..., O] fp32: the weight's dtype for the product, fp32 accumulation."""
-    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    """[..., I] fp32, [I, O] -> [..., O] fp32: the activations `_split` to the weight's dtype,
+    fp32 accumulation."""
+    return jnp.dot(_split(x, w.dtype), w, preferred_element_type=F32).sum(axis=-2)
+
+
+def _batch_dot(a, b):
+    """[H, M, K] fp32, [H, K, N] -> [H, M, N] fp32: `a` `_split` to `b`'s dtype."""
+    h, m, k = a.shape
+    parts = _split(a, b.dtype)  # [H, M, P, K]
+    p = parts.shape[-2]
+    dims = (((2,), (1,)), ((0,), (0,)))
+    out = jax.lax.dot_general(parts.reshape(h, m * p, k), b, dims, preferred_element_type=F32)
+    return out.reshape(h, m, p, -1).sum(axis=2)
 
 
 def attention(q, k, v, cache_k, cache_v, mask):
@@ -227,20 +248,16 @@ def attention(q, k, v, cache_k, cache_v, mask):
     t, hq, hd = q.shape
     hkv, s = k.shape[1], cache_v.shape[1]
     g = hq // hkv
-    f32 = jnp.float32
     # Query rows grouped per key/value head: [Hkv, T*G, hd] against [Hkv, hd, S] is one batched
     # matmul per head, with the cache as the right operand in its stored layout.
     qh = jnp.swapaxes((q * hd**-0.5).reshape(t, hkv, g, hd), 0, 1).reshape(hkv, t * g, hd)
-    batch_dot = lambda a, b: jax.lax.dot_general(
-        a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=f32
-    )
-    cache_scores = batch_dot(qh.astype(cache_k.dtype), cache_k)  # [Hkv, T*G, S]
-    new_scores = jnp.einsum("kmd,ukd->kmu", qh, k, preferred_element_type=f32)
+    cache_scores = _batch_dot(qh, cache_k)  # [Hkv, T*G, S]
+    new_scores = jnp.einsum("kmd,ukd->kmu", qh, k, preferred_element_type=F32)
     scores = jnp.concatenate([cache_scores, new_scores], axis=-1).reshape(hkv, t, g, s + t)
     probs = jax.nn.softmax(jnp.where(mask[None, :, None, :], scores, MASKED), axis=-1)
     probs = probs.reshape(hkv, t * g, s + t)
-    out = batch_dot(probs[..., :s].astype(cache_v.dtype), cache_v)  # [Hkv, T*G, hd]
-    out = out + jnp.einsum("kmu,ukd->kmd", probs[..., s:], v, preferred_element_type=f32)
+    out = _batch_dot(probs[..., :s], cache_v)  # [Hkv, T*G, hd]
+    out = out + jnp.einsum("kmu,ukd->kmd", probs[..., s:], v, preferred_element_type=F32)
     out = jnp.swapaxes(out.reshape(hkv, t, g, hd), 0, 1)
     return out.reshape(t, hq * hd)
 
@@ -282,9 +299,8 @@ def unstack_layers(params) -> dict:
 def lm_logits(params, hidden):
     """[..., D] -> [..., V] fp32, through the untied head if there is one, else the embedding."""
     table = params.get("lm_head", params["embed"])
-    return jnp.einsum(
-        "...d,vd->...v", hidden.astype(table.dtype), table, preferred_element_type=jnp.float32
-    )
+    parts = _split(hidden, table.dtype)
+    return jnp.einsum("...pd,vd->...pv", parts, table, preferred_element_type=F32).sum(axis=-2)
 
 
 def forward_hidden(params, config: LlamaConfig, tokens, positions, cache: KVCache, mask):

@@ -40,7 +40,6 @@ from pipeline.llm import (
     init_cache,
     unstack_cache,
     unstack_layers,
-    weight_dtype,
 )
 
 
@@ -216,11 +215,11 @@ def start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, *, config:
     """Prefill [B, T] right-padded prompts into a cache of T + M + L slots; pick the first token.
 
     max_new [B] (<= num_tokens = M), row_ids [B], `length` = L (the draft length). The cache
-    takes the weights' dtype, as in `pipeline.generate`, so both decodes see the same keys.
+    is fp32 whatever the weights' dtype, as `pipeline.generate`'s by default.
     """
     b, t = prompts.shape
     slots = t + num_tokens + length
-    cache = init_cache(config, b, slots, weight_dtype(llm_params))
+    cache = init_cache(config, b, slots, jnp.float32)
     pre = prefill(llm_params, config, prompts, prompt_lengths, cache)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
     first_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)

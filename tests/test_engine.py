@@ -101,7 +101,7 @@ def test_unknown_dtype_is_named():
         EngineConfig(dtype="float16")
 
 
-def test_bf16_target_gets_a_bf16_cache_and_hands_the_drafter_fp32_tables():
+def test_bf16_target_keeps_an_fp32_cache_and_hands_the_drafter_fp32_tables():
     llm = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_llm(CONFIG, jax.random.key(0)))
     config = EngineConfig(beam=BeamConfig(3, 2), max_new_tokens=6, time_phases=False)
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
@@ -113,7 +113,7 @@ def test_bf16_target_gets_a_bf16_cache_and_hands_the_drafter_fp32_tables():
     state = spec.start(eng.llm_params, toks, lengths, jnp.full((3,), 6), jax.random.key(0),
                        jnp.arange(3), config=CONFIG, sampling=GREEDY, num_tokens=6, length=2,
                        eos_ids=())  # fmt: skip
-    assert state.cache.k.dtype == jnp.bfloat16 and state.cache.v.dtype == jnp.bfloat16
+    assert state.cache.k.dtype == jnp.float32 and state.cache.v.dtype == jnp.float32
     for r in eng.generate(ITEMS):
         assert 1 <= len(r["token_ids"]) <= 6 and r["metrics"]["steps"] >= 1
 

@@ -157,14 +157,14 @@ def test_collected_states_are_the_hidden_states_each_token_came_from():
     assert plain.states is None
 
 
-def test_the_cache_takes_the_weights_dtype_unless_told():
+def test_the_cache_is_fp32_whatever_the_weights_unless_told():
     from pipeline.generate import start
 
     half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), PARAMS)
     toks, lengths = pad(PROMPTS)
     args = (toks, lengths, jnp.full((3,), 2), jax.random.key(0), jnp.arange(3))
     static = dict(config=CONFIG, sampling=GREEDY, num_tokens=2, eos_ids=())
-    assert start(half, *args, **static).cache.k.dtype == jnp.bfloat16
+    assert start(half, *args, **static).cache.k.dtype == jnp.float32
     assert start(PARAMS, *args, **static).cache.k.dtype == jnp.float32
-    told = start(half, *args, **static, cache_dtype=jnp.float32)
-    assert told.cache.k.dtype == jnp.float32 and told.cache.v.dtype == jnp.float32
+    told = start(half, *args, **static, cache_dtype=jnp.bfloat16)
+    assert told.cache.k.dtype == jnp.bfloat16 and told.cache.v.dtype == jnp.bfloat16

@@ -327,6 +327,34 @@ def test_bf16_weights_stay_close_to_fp32():
     np.testing.assert_array_equal(a.logits.argmax(-1), b.logits.argmax(-1))
 
 
+def _exact(a, b):
+    """The float64 product of two fp32 operands `[..., M, K] x [..., K, N]` (the reference)."""
+    return np.einsum("...mk,...kn->...mn", np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def test_bf16_weights_do_not_round_the_activations():
+    """With bf16 weights every product (dense, head, attention against a bf16 cache) equals the
+    fp32 product with the rounded weights to about fp32 accuracy: `_split` feeds the activations
+    as two bf16 parts. Rounding them to bf16 instead errs ~1000x more, which is what made bf16
+    speculative decoding drift from bf16 autoregressive decoding (README, bf16)."""
+    rng = np.random.default_rng(0)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    x = jnp.asarray(rng.normal(size=(5, 64)), f32)
+    w = jnp.asarray(rng.normal(size=(64, 48)), bf16)
+    want = _exact(x, w.astype(f32))
+    scale = np.abs(want).max()
+    assert np.abs(np.asarray(llm._dense(x, w)) - want).max() < 2e-5 * scale
+    rounded = _exact(x.astype(bf16).astype(f32), w.astype(f32))
+    assert np.abs(rounded - want).max() > 2e-4 * scale  # so the bound above has power
+    logits = np.asarray(llm.lm_logits({"embed": w.T}, x))  # a tied head reads [V, D]
+    assert np.abs(logits - want).max() < 2e-5 * scale
+    a = jnp.asarray(rng.normal(size=(3, 6, 16)), f32)
+    b = jnp.asarray(rng.normal(size=(3, 16, 10)), bf16)
+    want = _exact(a, b.astype(f32))
+    assert np.abs(np.asarray(llm._batch_dot(a, b)) - want).max() < 2e-5 * np.abs(want).max()
+    np.testing.assert_array_equal(llm._dense(x, w.astype(f32)), x @ w.astype(f32))  # fp32 as is
+
+
 def test_bad_config_and_shapes_are_named():
     with pytest.raises(ValueError, match="num_kv_heads"):
         LlamaConfig(96, 32, 48, 2, num_heads=4, num_kv_heads=3, head_dim=8)

@@ -193,6 +193,12 @@ def test_the_reference_rule_fails_the_same_check(small_llm):
     assert goodness_of_fit(counts, exact_three_token_law(small_llm)) < 1e-6
 
 
+def test_greedy_equals_autoregressive_with_bf16_weights(llm, prompts):
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), llm)
+    got = run_spec(half, half, OracleDraft(CONFIG, BEAM), *prompts, max_new=14)
+    assert_same_tokens(got, autoregressive(half, *prompts, 14))
+
+
 def test_sharded_over_4_devices_equals_unsharded(llm, prompts):
     hot = SamplingConfig(temperature=1.0)
     draft = spec.SampledDraft(DRAFTER, BEAM, hot)  # sampled drafts: keys must follow rows too
