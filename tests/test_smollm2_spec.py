@@ -14,10 +14,12 @@ from pipeline.prompts import PromptItem
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_speculative_greedy_equals_autoregressive():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smollm2_speculative_greedy_equals_autoregressive(dtype):
     config = EngineConfig(
-        beam=BeamConfig(2, 3), max_new_tokens=16, devices=2, batch_size=2, time_phases=False
-    )
+        beam=BeamConfig(2, 3), max_new_tokens=16, devices=2, batch_size=2, time_phases=False,
+        dtype=dtype,
+    )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without the shipped drafter an untrained one is fine
         engine = Engine.from_config(config)
