@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="P, tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="M, tokens generated per row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weight and activation dtype")  # fmt: skip
+                        help="weight dtype (activations and KV cache stay fp32)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
     parser.add_argument("--quick", action="store_true", help="one timed run, a smaller probe")
     parser.add_argument("--seed", type=int, default=0, help="random weights and prompts")
