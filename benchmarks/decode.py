@@ -59,6 +59,16 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def parse_lookup(text: str) -> tuple[int, bool]:
+    """ "4" -> (4, False): a 4-gram lookup candidate added; "4i" -> (4, True): in place of the
+    last beam; "0" -> (0, False): none."""
+    in_place = text.endswith("i")
+    digits = text[:-1] if in_place else text
+    if not digits.isdigit() or (in_place and int(digits) == 0):
+        raise argparse.ArgumentTypeError(f"expected N or Ni with N >= 0 (Ni: N >= 1), got {text!r}")
+    return int(digits), in_place
+
+
 def _prompt_file(path: str):
     """A prompt file read as an argparse type: a malformed one is a usage error naming file and
     line, before any model loads."""
@@ -84,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="WxL",
         help="beam width x draft length (default: 1x1 1x2 1x4 2x4)",
     )
+    parser.add_argument("--lookup", nargs="+", type=parse_lookup, default=[(0, False)],
+                        metavar="N[i]", help="prompt lookup, each with every beam shape: N adds a "
+                        "candidate copied after a repeated n-gram of <= N tokens, Ni puts it in "
+                        "place of the last beam, 0 is off (default: 0)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
     parser.add_argument("--prompts", type=_prompt_file, default=None, metavar="FILE",
                         help="decode these prompts (JSONL or text, as `specdraft generate` reads) "
@@ -94,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_at_least_one, default=3,
                         help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="target weights and KV cache, for AR and spec alike")  # fmt: skip
+                        help="target weights (activations and KV cache stay fp32)")  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -214,6 +228,8 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "batch": batch,
         "width": beam.width,
         "length": beam.length,
+        "lookup": engine.config.lookup,
+        "lookup_in_place": engine.config.lookup_in_place,
         "prompts": sum(len(c) for c in chunks),
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,
@@ -251,8 +267,10 @@ def run(args: argparse.Namespace) -> dict:
     for batch in args.batches:
         chunks = _chunks(encoded, batch)
         engines = []
-        for beam in beams:
-            config = EngineConfig(beam=beam, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+        cases = [(beam, lookup) for lookup in args.lookup for beam in beams]
+        for beam, (lookup, in_place) in cases:
+            config = EngineConfig(beam=beam, lookup=lookup, lookup_in_place=in_place,
+                                  max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   devices=args.devices, batch_size=batch)  # fmt: skip
             engines.append(
                 Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
@@ -261,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
         def spec_runner(engine, limit=None):
             return lambda prompts: engine.generate_ids(prompts, list(range(len(prompts))), limit)[0]
 
-        log(f"batch {batch}: compiling AR and {len(beams)} beam shapes")
+        log(f"batch {batch}: compiling AR and {len(cases)} draft shapes")
         # Whole passes, then the same calls limited to one token (prefill only), all interleaved.
         runners = [_ar_runner(engines[0], args.max_new_tokens)]
         runners += [spec_runner(e) for e in engines]
@@ -275,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
         if any(iterations):
             raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
         ar = (seconds[0], outs[0])
-        for i, (beam, engine) in enumerate(zip(beams, engines, strict=True)):
+        for i, ((beam, _), engine) in enumerate(zip(cases, engines, strict=True)):
             spec = (seconds[i + 1], outs[i + 1])
             row = _row(engine, chunks, beam, batch, spec, ar, seconds[n + i + 1], seconds[n])
             log(str(row))

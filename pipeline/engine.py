@@ -59,6 +59,12 @@ class EngineConfig:
     # smallest trees win. On a GPU, where wide trees are nearly free, measure and pass a wider
     # one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
+    # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
+    # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
+    # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least
+    # 2 tokens) instead of adding a candidate, so the verified tree keeps its size.
+    lookup: int = 0
+    lookup_in_place: bool = False
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
     devices: int | None = None
@@ -74,6 +80,8 @@ class EngineConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.lookup, int) or self.lookup < 0:
+            raise ValueError(f"EngineConfig.lookup must be an int >= 0, got {self.lookup!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
@@ -118,6 +126,8 @@ class Engine:
         target = target_embeddings(llm_params, drafter_config, vocab_map)
         self.draft_params = replicate((drafter_params, target), self.mesh)
         self.draft_fn = spec.BeamDraft(drafter_config, config.beam)
+        if config.lookup:
+            self.draft_fn = spec.LookupDraft(self.draft_fn, config.lookup, config.lookup_in_place)
         self.rule = spec.default_rule(config.sampling)
         self._generate = shard_jit(
             spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC

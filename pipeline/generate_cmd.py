@@ -26,6 +26,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drafter", default=None, help="drafter folder (default: the shipped one)")
     g.add_argument("--width", type=int, default=DEFAULTS.beam.width, help="beam width W")
     g.add_argument("--length", type=int, default=DEFAULTS.beam.length, help="draft length L")
+    g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
+                   help="add a draft copied from the context after its longest repeated n-gram "
+                        "of <= N tokens (0: drafter only)")  # fmt: skip
+    g.add_argument("--lookup-in-place", action="store_true",
+                   help="put the lookup draft in place of the last beam (when it matched >= 2 "
+                        "tokens) instead of adding one: the tree keeps its size")  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
@@ -46,6 +52,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         drafter=args.drafter,
         beam=BeamConfig(args.width, args.length),
+        lookup=args.lookup,
+        lookup_in_place=args.lookup_in_place,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         max_new_tokens=args.max_new_tokens,
         devices=args.devices,

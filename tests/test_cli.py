@@ -81,13 +81,14 @@ def test_both_entry_points_are_the_same_cli_and_list_every_subcommand():
     [
         (["generate"], ["--prompts", "--out", "--model", "--drafter", "--address", "--local",
                         "--workers", "--plot", "--width", "--length", "--temperature",
-                        "--dtype"]),
+                        "--dtype", "--lookup", "--lookup-in-place"]),
         (["draft"], ["--prompts", "--out", "--model", "--drafter", "--width", "--length"]),
         (["train"], ["--model", "--out", "--export", "--steps", "--batch", "--lr", "--width",
                      "--eval-beams"]),
         (["bench"], list(BENCHMARKS)),
         (["bench", "decode"], ["--out", "--model", "--batches", "--beams", "--dtype", "--prompts",
-                               "--num-prompts"]),
+                               "--num-prompts", "--lookup"]),
+        (["bench", "accept"], ["--out", "--prompts", "--beams", "--lookup", "--batch"]),
         (["bench", "drafter"], ["--out", "--shapes", "--batches", "--beams"]),
         (["bench", "llm"], ["--out", "--batches", "--dtype"]),
         (["bench", "cluster"], ["--out"]),
@@ -234,6 +235,28 @@ def test_engine_flags_carry_the_dtype():
     add_engine_arguments(parser)
     assert engine_config_from_args(parser.parse_args([])).dtype == "float32"
     assert engine_config_from_args(parser.parse_args(["--dtype", "bfloat16"])).dtype == "bfloat16"
+
+
+def test_engine_flags_carry_the_lookup():
+    from pipeline.generate_cmd import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    config = engine_config_from_args(parser.parse_args([]))
+    assert (config.lookup, config.lookup_in_place) == (0, False)
+    config = engine_config_from_args(parser.parse_args(["--lookup", "3", "--lookup-in-place"]))
+    assert (config.lookup, config.lookup_in_place) == (3, True)
+    with pytest.raises(ValueError, match="EngineConfig.lookup"):
+        engine_config_from_args(parser.parse_args(["--lookup", "-2"]))
+
+
+def test_bench_lookup_values():
+    from benchmarks.decode import parse_lookup
+
+    assert [parse_lookup(x) for x in ("0", "4", "3i")] == [(0, False), (4, False), (3, True)]
+    for bad in ("-1", "0i", "x", "4ii"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_lookup(bad)
 
 
 def test_train_on_your_own_prompt_files_records_them(tiny_model, tmp_path):

@@ -14,11 +14,11 @@ from pipeline.prompts import PromptItem
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_smollm2_speculative_greedy_equals_autoregressive(dtype):
+@pytest.mark.parametrize("dtype, lookup", [("float32", 0), ("bfloat16", 0), ("float32", 4)])
+def test_smollm2_speculative_greedy_equals_autoregressive(dtype, lookup):
     config = EngineConfig(
         beam=BeamConfig(2, 3), max_new_tokens=16, devices=2, batch_size=2, time_phases=False,
-        dtype=dtype,
+        dtype=dtype, lookup=lookup,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without the shipped drafter an untrained one is fine
@@ -92,7 +92,7 @@ def test_bench_decode_on_a_prompt_file(tmp_path):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "decode.json"
     argv = ["bench", "decode", "--prompts", str(prompts), "--num-prompts", "2", "--batches", "2",
-            "--beams", "1x2", "--max-new-tokens", "4", "--repeats", "1",
+            "--beams", "1x2", "--lookup", "0", "3", "--max-new-tokens", "4", "--repeats", "1",
             "--out", str(out)]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -100,5 +100,37 @@ def test_bench_decode_on_a_prompt_file(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["prompts_file"] == str(prompts)
     assert doc["prompts"] == ["Name a planet.", [{"role": "user", "content": "Say hi."}]]
-    (row,) = doc["results"]
-    assert row["prompts"] == 2 and row["rows_identical_to_ar"] == 2
+    cases = [(r["width"], r["length"], r["lookup"]) for r in doc["results"]]
+    assert cases == [(1, 2, 0), (1, 2, 3)]
+    for row in doc["results"]:
+        assert row["prompts"] == 2 and row["rows_identical_to_ar"] == 2
+
+
+def test_bench_accept_pools_the_engines_acceptance(tmp_path):
+    """`specdraft bench accept`: the real engine's tokens per call on the held-out prompts, with
+    and without the lookup candidate, pooled over prompts."""
+    import json
+
+    from cluster.cli import main
+
+    out = tmp_path / "accept.json"
+    argv = ["bench", "accept", "--num-prompts", "3", "--batch", "2", "--beams", "1x3",
+            "--lookup", "0", "4i", "--max-new-tokens", "12", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert doc["num_prompts"] == 3 and doc["tokens_per_call_counts_bonus_token"]
+    cases = [(r["width"], r["length"], r["lookup"], r["lookup_in_place"]) for r in doc["results"]]
+    assert cases == [(1, 3, 0, False), (1, 3, 4, True)]
+    for r in doc["results"]:
+        hist = r["accepted_histogram"]
+        assert len(hist) == 4 and sum(hist) == r["calls"] > 0
+        assert r["tokens"] == sum((n + 1) * c for n, c in enumerate(hist))
+        # Each answer's first token comes from the prefill; the calls produce the rest (the cap
+        # or EOS may cut up to L of a row's last call).
+        assert r["answers"] == 3
+        assert r["answer_tokens"] - 3 <= r["tokens"] <= r["answer_tokens"] - 3 + 3 * 3
+        assert r["tokens_per_call"] == pytest.approx(r["tokens"] / r["calls"])
+        depth = r["per_depth_acceptance"]
+        assert len(depth) == 3 and depth == sorted(depth, reverse=True)
