@@ -17,6 +17,7 @@ are recorded.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -52,23 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target weights (activations and KV cache stay fp32)")  # fmt: skip
 
 
-def pooled(outs) -> dict:
-    """SpecOut batches -> pooled calls, tokens, tokens per call and per-depth acceptance.
+def log(msg: str) -> None:
+    print(f"[bench accept] {msg}", file=sys.stderr, flush=True)
 
-    `tokens` counts what the calls produced, accepted drafts plus the bonus token, including any
-    a row's token cap or EOS then cut, so it can exceed `answer_tokens - answers` (each answer's
-    first token is the prefill's) by up to L per answer.
+
+def pooled(outs) -> dict:
+    """SpecOut batches -> pooled calls, tokens per call and per-depth acceptance.
+
+    As in `pipeline.distill_eval`: each answer's first token comes from the prefill and the calls
+    emit the rest, so tokens per call = (answer tokens - answers) / calls. The histogram of
+    accepted draft lengths also counts drafts that a row's token cap or EOS then cut, so
+    `sum((n + 1) * hist[n])` can exceed the emitted tokens by up to L per answer.
     """
     hist = sum(np.asarray(o.accepted).sum(0) for o in outs)
     calls = int(hist.sum())
-    tokens = int((hist * (1 + np.arange(hist.size))).sum())
+    answers = int(sum(len(o.lengths) for o in outs))
+    answer_tokens = int(sum(np.asarray(o.lengths).sum() for o in outs))
     at_least = hist[::-1].cumsum()[::-1][1:] / max(calls, 1)
     return {
-        "answers": int(sum(len(o.lengths) for o in outs)),
-        "answer_tokens": int(sum(np.asarray(o.lengths).sum() for o in outs)),
+        "answers": answers,
+        "answer_tokens": answer_tokens,
         "calls": calls,
-        "tokens": tokens,
-        "tokens_per_call": tokens / max(calls, 1),
+        "tokens_per_call": (answer_tokens - answers) / max(calls, 1),
         "per_depth_acceptance": [round(float(x), 4) for x in at_least],
         "accepted_histogram": [int(x) for x in hist],
     }
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     beams = args.beams or [BeamConfig(1, 1), BeamConfig(1, 4), BeamConfig(2, 4)]
     items = decode.prompt_items(prompts_file, args.num_prompts)
     llm_config, llm_params, tokenizer, drafter, drafter_source = decode._load(args)
-    decode.log(f"drafter: {drafter_source}; {len(items)} prompts")
+    log(f"drafter: {drafter_source}; {len(items)} prompts")
     encoded = encode_prompts(tokenizer, items)
     chunks = [encoded[i : i + args.batch] for i in range(0, len(encoded), args.batch)]
     results = []
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
             row = {"width": beam.width, "length": beam.length, "lookup": lookup,
                    "lookup_in_place": in_place,
                    **pooled(outs), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-            decode.log(str(row))
+            log(str(row))
             results.append(row)
     return {
         "drafter": drafter_source,

@@ -125,12 +125,11 @@ def test_bench_accept_pools_the_engines_acceptance(tmp_path):
     assert cases == [(1, 3, 0, False), (1, 3, 4, True)]
     for r in doc["results"]:
         hist = r["accepted_histogram"]
-        assert len(hist) == 4 and sum(hist) == r["calls"] > 0
-        assert r["tokens"] == sum((n + 1) * c for n, c in enumerate(hist))
-        # Each answer's first token comes from the prefill; the calls produce the rest (the cap
-        # or EOS may cut up to L of a row's last call).
-        assert r["answers"] == 3
-        assert r["answer_tokens"] - 3 <= r["tokens"] <= r["answer_tokens"] - 3 + 3 * 3
-        assert r["tokens_per_call"] == pytest.approx(r["tokens"] / r["calls"])
+        assert len(hist) == 4 and sum(hist) == r["calls"] > 0 and r["answers"] == 3
+        # Each answer's first token comes from the prefill; the calls emit the rest, and their
+        # accepted drafts may run up to L past a row's cap or EOS.
+        emitted = r["answer_tokens"] - 3
+        assert r["tokens_per_call"] == pytest.approx(emitted / r["calls"])
+        assert emitted <= sum((n + 1) * c for n, c in enumerate(hist)) <= emitted + 3 * 3
         depth = r["per_depth_acceptance"]
         assert len(depth) == 3 and depth == sorted(depth, reverse=True)
