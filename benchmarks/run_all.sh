@@ -16,4 +16,15 @@ for dtype in float32 bfloat16; do
   run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --batches 1 8 \
     --beams 1x1 1x2 1x4 2x4 --repeats 2 --dtype "$dtype" --out "$out/decode-heldout-$dtype.json"
 done
+# Prompt lookup (fp32, held-out prompts): an added candidate and one in place of the last beam,
+# against the drafter alone, at batch 1; in place at batch 8. Then the engine's tokens per call
+# on all 64 held-out prompts.
+held=(--prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 2)
+run decode "${held[@]}" --batches 1 --beams 1x1 1x2 1x4 2x4 --lookup 0 4 \
+  --out "$out/decode-heldout-lookup.json"
+run decode "${held[@]}" --batches 1 --beams 1x1 1x2 1x4 2x4 --lookup 0 4i \
+  --out "$out/decode-heldout-lookup-in-place.json"
+run decode "${held[@]}" --batches 8 --beams 1x1 1x2 1x4 --lookup 0 4i \
+  --out "$out/decode-heldout-lookup-in-place-batch8.json"
+run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi

@@ -62,9 +62,11 @@ class EngineConfig:
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
     # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
     # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least
-    # 2 tokens) instead of adding a candidate, so the verified tree keeps its size.
-    lookup: int = 0
-    lookup_in_place: bool = False
+    # 2 tokens) instead of adding a candidate, so the verified tree keeps its size. The default,
+    # in place at (1, 1), raised held-out tokens per call from 1.53 to 1.59 (64 prompts) at the
+    # same loop cost: 1.36x AR against 1.31x at batch 1, 1.12x both at batch 8 (README).
+    lookup: int = 4
+    lookup_in_place: bool = True
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
     devices: int | None = None
@@ -125,9 +127,11 @@ class Engine:
         self.llm_params = replicate(unstack_layers(llm_params), self.mesh)
         target = target_embeddings(llm_params, drafter_config, vocab_map)
         self.draft_params = replicate((drafter_params, target), self.mesh)
-        self.draft_fn = spec.BeamDraft(drafter_config, config.beam)
+        # `draft` shows the drafter's own beams; decoding adds the lookup candidate if configured.
+        self.beam_fn = spec.BeamDraft(drafter_config, config.beam)
+        self.draft_fn = self.beam_fn
         if config.lookup:
-            self.draft_fn = spec.LookupDraft(self.draft_fn, config.lookup, config.lookup_in_place)
+            self.draft_fn = spec.LookupDraft(self.beam_fn, config.lookup, config.lookup_in_place)
         self.rule = spec.default_rule(config.sampling)
         self._generate = shard_jit(
             spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC
@@ -336,7 +340,7 @@ class Engine:
             chunk = items[start : start + self.config.batch_size]
             toks, lengths = self._batch([self.encode(item) for item in chunk])
             ids = jnp.asarray([row_id(item.id) for item in chunk], jnp.int32)
-            static = (self.llm_config, self.draft_fn, self.config.sampling, self.config.beam.length)
+            static = (self.llm_config, self.beam_fn, self.config.sampling, self.config.beam.length)
             drafts = jax.device_get(
                 self._draft(
                     self.llm_params,

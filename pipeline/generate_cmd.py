@@ -28,8 +28,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length", type=int, default=DEFAULTS.beam.length, help="draft length L")
     g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
                    help="add a draft copied from the context after its longest repeated n-gram "
-                        "of <= N tokens (0: drafter only)")  # fmt: skip
-    g.add_argument("--lookup-in-place", action="store_true",
+                        "of <= N tokens (0: drafter only; default 4)")  # fmt: skip
+    g.add_argument("--lookup-in-place", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS.lookup_in_place,
                    help="put the lookup draft in place of the last beam (when it matched >= 2 "
                         "tokens) instead of adding one: the tree keeps its size")  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -243,9 +243,10 @@ def test_engine_flags_carry_the_lookup():
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     config = engine_config_from_args(parser.parse_args([]))
-    assert (config.lookup, config.lookup_in_place) == (0, False)
-    config = engine_config_from_args(parser.parse_args(["--lookup", "3", "--lookup-in-place"]))
-    assert (config.lookup, config.lookup_in_place) == (3, True)
+    assert (config.lookup, config.lookup_in_place) == (4, True)
+    config = engine_config_from_args(parser.parse_args(["--lookup", "3", "--no-lookup-in-place"]))
+    assert (config.lookup, config.lookup_in_place) == (3, False)
+    assert engine_config_from_args(parser.parse_args(["--lookup", "0"])).lookup == 0
     with pytest.raises(ValueError, match="EngineConfig.lookup"):
         engine_config_from_args(parser.parse_args(["--lookup", "-2"]))
 

@@ -14,11 +14,13 @@ from pipeline.prompts import PromptItem
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("dtype, lookup", [("float32", 0), ("bfloat16", 0), ("float32", 4)])
-def test_smollm2_speculative_greedy_equals_autoregressive(dtype, lookup):
+@pytest.mark.parametrize(
+    "dtype, lookup, in_place", [("float32", 0, False), ("bfloat16", 4, True), ("float32", 4, False)]
+)
+def test_smollm2_speculative_greedy_equals_autoregressive(dtype, lookup, in_place):
     config = EngineConfig(
         beam=BeamConfig(2, 3), max_new_tokens=16, devices=2, batch_size=2, time_phases=False,
-        dtype=dtype, lookup=lookup,
+        dtype=dtype, lookup=lookup, lookup_in_place=in_place,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without the shipped drafter an untrained one is fine
