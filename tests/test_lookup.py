@@ -10,14 +10,13 @@ from test_speculative import (
     CONFIG,
     DRAFTER,
     HOT,
-    NUM_SAMPLES,
-    PROMPT,
     SMALL,
     FixedDraft,
     assert_same_tokens,
     autoregressive,
     exact_three_token_law,
     run_spec,
+    sampled_counts,
 )
 
 from drafter.lookup import lookup_candidate
@@ -151,13 +150,8 @@ def small_llm():
 
 
 def test_speculative_sampling_with_a_lookup_candidate_matches_the_target_law(small_llm):
-    prompts = np.tile(PROMPT, (NUM_SAMPLES, 1))
     draft = spec.LookupDraft(FixedDraft(), 2, in_place=False)
-    got = run_spec(small_llm, None, draft, prompts, np.full(NUM_SAMPLES, 3), 3, HOT,
-                   accept.sampling_rule(HOT), SMALL, key=13)  # fmt: skip
-    toks = np.asarray(got.tokens)
-    counts = np.zeros((8, 8, 8))
-    np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
+    counts, _ = sampled_counts(small_llm, accept.sampling_rule(HOT), draft, key=13)
     assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
 
 

@@ -165,10 +165,11 @@ def exact_three_token_law(small_llm):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sampled_counts(small_llm, rule):
+def sampled_counts(small_llm, rule, draft=None, key=11):
+    """Counts of the NUM_SAMPLES 3-token outcomes (FixedDraft drafts unless `draft` is given)."""
     prompts = np.tile(PROMPT, (NUM_SAMPLES, 1))
-    got = run_spec(small_llm, None, FixedDraft(), prompts, np.full(NUM_SAMPLES, 3), 3, HOT, rule,
-                   SMALL, key=11)  # fmt: skip
+    got = run_spec(small_llm, None, draft or FixedDraft(), prompts, np.full(NUM_SAMPLES, 3), 3,
+                   HOT, rule, SMALL, key=key)  # fmt: skip
     toks = np.asarray(got.tokens)
     assert np.all(np.asarray(got.lengths) == 3)
     counts = np.zeros((8, 8, 8))
