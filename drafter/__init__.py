@@ -11,6 +11,7 @@ from drafter.model import (
     rnn_drafter,
     rnn_step,
     to_target_ids,
+    with_draft_head,
 )
 from drafter.reference import load_reference, save_reference
 from drafter.sampling import SamplingConfig, greedy, sample, warp_log_probs
@@ -37,4 +38,5 @@ __all__ = [
     "save_reference",
     "to_target_ids",
     "warp_log_probs",
+    "with_draft_head",
 ]

@@ -32,6 +32,7 @@ import numpy as np
 
 from drafter.config import BeamConfig, DrafterConfig
 from drafter.model import init_params as init_drafter
+from drafter.model import with_draft_head
 from drafter.sampling import SamplingConfig
 from pipeline import speculative as spec
 from pipeline.llm import unstack_cache, unstack_layers
@@ -125,7 +126,9 @@ class Engine:
         # 48-token answer on the 2-core CPU, ad-hoc); per-layer arrays are read in place. Memory:
         # a second copy while the caller keeps the stacked one.
         self.llm_params = replicate(unstack_layers(llm_params), self.mesh)
-        target = target_embeddings(llm_params, drafter_config, vocab_map)
+        # The tied head's draft-vocabulary rows, gathered once here rather than on every step.
+        target = with_draft_head(drafter_config, target_embeddings(llm_params, drafter_config,
+                                                                   vocab_map))  # fmt: skip
         self.draft_params = replicate((drafter_params, target), self.mesh)
         # `draft` shows the drafter's own beams; decoding adds the lookup candidate if configured.
         self.beam_fn = spec.BeamDraft(drafter_config, config.beam)

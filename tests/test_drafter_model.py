@@ -13,12 +13,14 @@ from drafter import (
     BeamConfig,
     DrafterConfig,
     TargetEmbeddings,
+    beam_search,
     check_target,
     draft_logits,
     init_params,
     load_reference,
     rnn_drafter,
     save_reference,
+    with_draft_head,
 )
 
 D, V = 8, 96
@@ -193,6 +195,32 @@ def test_check_target_names_the_field():
         check_target(config, good._replace(vocab_map=jnp.arange(3)))
     with pytest.raises(ValueError, match="vocab_map"):
         check_target(CONFIGS["proj"], TargetEmbeddings(good.embed, None, jnp.arange(3)))
+
+
+def test_gathered_draft_head_drafts_the_same():
+    """The engine gathers a tied, reduced head once (`with_draft_head`): same logits and beams."""
+    config = CONFIGS["reduced_tied"]
+    params = init_params(config, jax.random.key(10))
+    target = make_target(config, jax.random.key(11), vocab_map_for(config))
+    gathered = with_draft_head(config, target)
+    assert gathered.draft_head.shape == (20, D)
+    state = jnp.linspace(-1, 1, D)
+    np.testing.assert_array_equal(
+        draft_logits(params, config, gathered, state, state),
+        draft_logits(params, config, target, state, state),
+    )
+    beams = lambda t: beam_search(params, config, t, state, jnp.int32(3), BeamConfig(3, 4))
+    for got, want in zip(beams(gathered), beams(target), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # A wrong table is caught by name (drafting would otherwise read the wrong rows).
+    with pytest.raises(ValueError, match="draft_head"):
+        check_target(config, gathered._replace(draft_head=target.lm_head))
+    with pytest.raises(ValueError, match="draft_head"):
+        check_target(CONFIGS["tied"], gathered._replace(vocab_map=None))
+    # Nothing to gather without both a tied head and a reduced vocabulary.
+    for name in ("tied", "reduced"):
+        plain = make_target(CONFIGS[name], jax.random.key(12), vocab_map_for(CONFIGS[name]))
+        assert with_draft_head(CONFIGS[name], plain).draft_head is None
 
 
 # --- PyTorch-reference weights ---------------------------------------------------------------
