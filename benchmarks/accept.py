@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for lookup, in_place in args.lookup:
         for beam in beams:
-            config = EngineConfig(beam=beam, lookup=lookup, lookup_in_place=in_place,
+            config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
+                                  lookup_in_place=in_place,
                                   max_new_tokens=args.max_new_tokens,
                                   dtype=args.dtype, batch_size=args.batch,
                                   time_phases=False)  # fmt: skip

@@ -269,7 +269,8 @@ def run(args: argparse.Namespace) -> dict:
         engines = []
         cases = [(beam, lookup) for lookup in args.lookup for beam in beams]
         for beam, (lookup, in_place) in cases:
-            config = EngineConfig(beam=beam, lookup=lookup, lookup_in_place=in_place,
+            config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
+                                  lookup_in_place=in_place,
                                   max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   devices=args.devices, batch_size=batch)  # fmt: skip
             engines.append(

@@ -9,6 +9,8 @@ drafter; `Engine.from_params(...)` wraps in-memory params (tiny random models in
 - `accepted_per_call`: mean tokens emitted per verify step, COUNTING THE BONUS TOKEN (accepted
   drafted tokens + 1), before cutting at EOS / max-new-tokens.
 - `acceptance_per_depth[d]`: fraction of verify steps that accepted drafted token d+1.
+- `width`, `length`: the draft tree the row was decoded with (`Engine.beam_for`: a greedy batch of
+  one prompt uses `EngineConfig.single_beam`, every other batch `EngineConfig.beam`).
 - `draft_ms`, `verify_ms`: one draft step and one tree-verify step of this batch, each timed
   alone (compiled, on the state after prefill, the median of 5 runs; once per batch shape);
   `tokens_per_s`: the batch's generated tokens over the wall time of the fused decode (whole
@@ -52,14 +54,17 @@ class EngineConfig:
 
     model: str | None = None
     drafter: str | None = None
-    # Chosen from `specdraft bench decode` with the shipped drafter (README; benchmarks/results/
-    # cpu-decode-*.json), exact fp32 on the CPU. At batch 1, 1x1 and 1x2 were the fastest of 1x1,
-    # 1x2, 1x4 and 2x4: 1.47x / 1.62x AR on held-out prompts, 1.11x / 1.00x on the short
-    # questions. At batch 8, 1x1 was the fastest on both (1.20x and 0.82x). A loop step cost
-    # 36.3 ms AR, 38.4 at 1x1, 45.5 at 1x2, 57.9 at 1x4 (held-out run; prefill excluded), so the
-    # smallest trees win. On a GPU, where wide trees are nearly free, measure and pass a wider
-    # one (`--width`, `--length`).
+    # The draft tree, chosen from `specdraft bench decode` with the shipped drafter and the lookup
+    # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
+    # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
+    # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of
+    # one row: there (1, 4) led in every run of this version (1.70x / 1.80x AR at 128 / 48 new
+    # tokens, against 1.40x / 1.37x at (1, 1)). None: `beam` for every batch. Sampled decoding
+    # keeps `beam` whatever the batch, so a prompt's draws do not depend on the batch it is in
+    # (greedy output is the same for any tree). On a GPU, where wide trees are nearly free,
+    # measure and pass a wider one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
+    single_beam: BeamConfig | None = BeamConfig(width=1, length=4)
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
     # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
     # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least
@@ -131,10 +136,8 @@ class Engine:
                                                                    vocab_map))  # fmt: skip
         self.draft_params = replicate((drafter_params, target), self.mesh)
         # `draft` shows the drafter's own beams; decoding adds the lookup candidate if configured.
-        self.beam_fn = spec.BeamDraft(drafter_config, config.beam)
-        self.draft_fn = self.beam_fn
-        if config.lookup:
-            self.draft_fn = spec.LookupDraft(self.beam_fn, config.lookup, config.lookup_in_place)
+        self.drafter_config = drafter_config
+        self.beam_fn, self.draft_fn = self.draft_fns(config.beam)
         self.rule = spec.default_rule(config.sampling)
         self._generate = shard_jit(
             spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC
@@ -206,6 +209,23 @@ class Engine:
             str(drafter_path),
         )
 
+    # -- draft shapes --------------------------------------------------------------------------
+
+    def beam_for(self, rows: int) -> BeamConfig:
+        """The draft tree for a batch of `rows` prompts (`EngineConfig.beam`, `single_beam`)."""
+        c = self.config
+        if rows == 1 and c.single_beam is not None and c.sampling.greedy:
+            return c.single_beam
+        return c.beam
+
+    def draft_fns(self, beam: BeamConfig):
+        """(the drafter's own beam search, the draft function decoding uses: with the lookup
+        candidate if configured) for `beam`."""
+        beam_fn = spec.BeamDraft(self.drafter_config, beam)
+        if not self.config.lookup:
+            return beam_fn, beam_fn
+        return beam_fn, spec.LookupDraft(beam_fn, self.config.lookup, self.config.lookup_in_place)
+
     # -- prompts -------------------------------------------------------------------------------
 
     def encode(self, item: PromptItem) -> list[int]:
@@ -218,7 +238,8 @@ class Engine:
         if lengths.min() < 1:
             raise ValueError("a prompt has no tokens")
         width = int(-(-lengths.max() // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE)
-        limit = self.llm_config.max_seq_len - self.config.max_new_tokens - self.config.beam.length
+        draft_len = self.beam_for(len(prompts)).length
+        limit = self.llm_config.max_seq_len - self.config.max_new_tokens - draft_len
         if width > limit:
             raise ValueError(f"prompt of {lengths.max()} tokens exceeds the context ({limit})")
         toks = np.zeros((len(prompts), width), np.int32)
@@ -243,6 +264,7 @@ class Engine:
             raise ValueError(f"max_new must be in 0..{c.max_new_tokens}, got {max_new}")
         toks, lengths = self._batch(prompts)
         b = len(prompts)
+        beam = self.beam_for(b)
         args = (
             toks,
             lengths,
@@ -252,11 +274,11 @@ class Engine:
         )
         static = (
             self.llm_config,
-            self.draft_fn,
+            self.draft_fns(beam)[1],
             self.rule,
             c.sampling,
             c.max_new_tokens,
-            c.beam.length,
+            beam.length,
             self.llm_config.eos_token_ids,
         )
         compiled = self._generate.cache_size()
@@ -276,6 +298,8 @@ class Engine:
         c = self.config
         toks, lengths = self._batch(prompts)
         b = len(prompts)
+        beam = self.beam_for(b)
+        draft_fn = self.draft_fns(beam)[1]
         state = _start_jit(
             self.llm_params,
             toks,
@@ -286,11 +310,11 @@ class Engine:
             config=self.llm_config,
             sampling=c.sampling,
             num_tokens=c.max_new_tokens,
-            length=c.beam.length,
+            length=beam.length,
             eos_ids=(),
         )
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, 1)
-        draft = lambda: _draft_jit(self.draft_fn, self.draft_params, state, keys)
+        draft = lambda: _draft_jit(draft_fn, self.draft_params, state, keys)
         drafts = _timed(draft)[1]
         cache = unstack_cache(state.cache)  # the layers are held unstacked already
         verify = lambda: _verify_jit(self.llm_params, self.llm_config, cache, drafts.tokens)
@@ -315,12 +339,15 @@ class Engine:
         prompts = [self.encode(item) for item in items]
         out, seconds = self.generate_ids(prompts, [row_id(item.id) for item in items])
         draft_ms, verify_ms = self._phase_times_once(prompts)
+        beam = self.beam_for(len(prompts))
         tok_s = float(out.lengths.sum()) / seconds if seconds > 0 else None
         results = []
         for i, item in enumerate(items):
             ids = [int(t) for t in out.tokens[i, : out.lengths[i]]]
             metrics = row_metrics(out.calls[i], out.accepted[i], len(ids))
             metrics.update(
+                width=beam.width,
+                length=beam.length,
                 draft_ms=draft_ms,
                 verify_ms=verify_ms,
                 tokens_per_s=tok_s,
@@ -343,7 +370,8 @@ class Engine:
             chunk = items[start : start + self.config.batch_size]
             toks, lengths = self._batch([self.encode(item) for item in chunk])
             ids = jnp.asarray([row_id(item.id) for item in chunk], jnp.int32)
-            static = (self.llm_config, self.beam_fn, self.config.sampling, self.config.beam.length)
+            beam = self.beam_for(len(chunk))
+            static = (self.llm_config, self.draft_fns(beam)[0], self.config.sampling, beam.length)
             drafts = jax.device_get(
                 self._draft(
                     self.llm_params,

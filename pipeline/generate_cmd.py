@@ -24,8 +24,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("speculative decoding")
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     g.add_argument("--drafter", default=None, help="drafter folder (default: the shipped one)")
-    g.add_argument("--width", type=int, default=DEFAULTS.beam.width, help="beam width W")
-    g.add_argument("--length", type=int, default=DEFAULTS.beam.length, help="draft length L")
+    one = DEFAULTS.single_beam
+    g.add_argument("--width", type=int, default=None,
+                   help=f"beam width W for every batch (default: {DEFAULTS.beam.width}; "
+                        f"{one.width} for a greedy batch of one prompt)")  # fmt: skip
+    g.add_argument("--length", type=int, default=None,
+                   help=f"draft length L for every batch (default: {DEFAULTS.beam.length}; "
+                        f"{one.length} for a greedy batch of one prompt)")  # fmt: skip
     g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
                    help="add a draft copied from the context after its longest repeated n-gram "
                         "of <= N tokens (0: drafter only; default 4)")  # fmt: skip
@@ -48,11 +53,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig that `add_engine_arguments` flags describe (errors name the field)."""
+    """The EngineConfig that `add_engine_arguments` flags describe (errors name the field).
+
+    No --width/--length: the defaults, `EngineConfig.beam` and `single_beam` for a greedy batch
+    of one prompt; either flag: that tree for every batch (the other from `beam`)."""
+    shape = {}
+    if args.width is not None or args.length is not None:
+        width = DEFAULTS.beam.width if args.width is None else args.width
+        length = DEFAULTS.beam.length if args.length is None else args.length
+        shape = {"beam": BeamConfig(width, length), "single_beam": None}
     return EngineConfig(
         model=args.model,
         drafter=args.drafter,
-        beam=BeamConfig(args.width, args.length),
+        **shape,
         lookup=args.lookup,
         lookup_in_place=args.lookup_in_place,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),

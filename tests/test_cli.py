@@ -251,6 +251,22 @@ def test_engine_flags_carry_the_lookup():
         engine_config_from_args(parser.parse_args(["--lookup", "-2"]))
 
 
+def test_engine_flags_carry_the_tree():
+    from drafter.config import BeamConfig
+    from pipeline.generate_cmd import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    shape = lambda argv: (lambda c: (c.beam, c.single_beam))(
+        engine_config_from_args(parser.parse_args(argv))
+    )
+    assert shape([]) == (BeamConfig(1, 1), BeamConfig(1, 4))  # (1, 4) for one greedy prompt
+    assert shape(["--width", "2", "--length", "3"]) == (BeamConfig(2, 3), None)
+    assert shape(["--length", "2"]) == (BeamConfig(1, 2), None)
+    with pytest.raises(ValueError, match="BeamConfig.width"):
+        engine_config_from_args(parser.parse_args(["--width", "0"]))
+
+
 def test_bench_lookup_values():
     from benchmarks.decode import parse_lookup
 

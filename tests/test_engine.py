@@ -134,3 +134,25 @@ def test_draft_returns_beams_rooted_at_the_first_greedy_token():
         assert d["id"] == g["id"] and len(d["beams"]) == 3
         assert all(len(b) == 3 and b[0] == g["token_ids"][0] for b in d["beams"])
         assert d["scores"] == sorted(d["scores"], reverse=True)
+
+
+def test_a_greedy_batch_of_one_prompt_drafts_with_single_beam():
+    llm = init_llm(CONFIG, jax.random.key(0))
+    config = EngineConfig(beam=BeamConfig(3, 2), single_beam=BeamConfig(1, 4), max_new_tokens=10,
+                          batch_size=1, time_phases=False)  # fmt: skip
+    eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+    assert eng.beam_for(1) == BeamConfig(1, 4) and eng.beam_for(2) == BeamConfig(3, 2)
+    alone = eng.generate(ITEMS)
+    together = engine(batch_size=3).generate(ITEMS)
+    # Greedy output is AR's whatever the tree; the metrics say which tree decoded the row.
+    assert [r["token_ids"] for r in alone] == [r["token_ids"] for r in together]
+    for r in alone:
+        m = r["metrics"]
+        assert (m["width"], m["length"], len(m["acceptance_per_depth"])) == (1, 4, 4)
+    assert {(r["metrics"]["width"], r["metrics"]["length"]) for r in together} == {(3, 2)}
+    assert len(eng.draft(ITEMS[:1])[0]["beams"][0]) == 5  # the drafter's own beam, L = 4
+    # Sampling keeps `beam` (a prompt's draws must not depend on its batch); None: always `beam`.
+    hot = dataclasses.replace(config, sampling=SamplingConfig(temperature=1.0))
+    assert Engine.from_params(CONFIG, llm, config=hot).beam_for(1) == BeamConfig(3, 2)
+    fixed = dataclasses.replace(config, single_beam=None)
+    assert Engine.from_params(CONFIG, llm, config=fixed).beam_for(1) == BeamConfig(3, 2)
