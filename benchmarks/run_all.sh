@@ -32,6 +32,8 @@ run decode "${held[@]}" --batches 1 --beams 1x4 1x5 1x6 --lookup 4i \
   --out "$out/decode-heldout-batch1-deep.json"
 run decode "${held[@]}" --batches 1 --beams 1x1 1x4 2x4 2x6 --lookup 4i --max-new-tokens 128 \
   --out "$out/decode-heldout-batch1-128.json"
+run decode "${held[@]}" --batches 1 --beams 1x2 1x3 1x4 2x3 --lookup 4i --max-new-tokens 128 \
+  --out "$out/decode-heldout-batch1-128-mid.json"
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi

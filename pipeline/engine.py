@@ -58,7 +58,7 @@ class EngineConfig:
     # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
     # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
     # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of
-    # one row: there (1, 4) led in every run of this version (1.70x / 1.80x AR at 128 / 48 new
+    # one row: there (1, 4) led in every run of this version (1.58-1.70x / 1.80x AR at 128 / 48 new
     # tokens, against 1.40x / 1.37x at (1, 1)). None: `beam` for every batch. Sampled decoding
     # keeps `beam` whatever the batch, so a prompt's draws do not depend on the batch it is in
     # (greedy output is the same for any tree). On a GPU, where wide trees are nearly free,
