@@ -135,9 +135,7 @@ class Engine:
         target = with_draft_head(drafter_config, target_embeddings(llm_params, drafter_config,
                                                                    vocab_map))  # fmt: skip
         self.draft_params = replicate((drafter_params, target), self.mesh)
-        # `draft` shows the drafter's own beams; decoding adds the lookup candidate if configured.
-        self.drafter_config = drafter_config
-        self.beam_fn, self.draft_fn = self.draft_fns(config.beam)
+        self.drafter_config = drafter_config  # draft functions per tree: `draft_fns`
         self.rule = spec.default_rule(config.sampling)
         self._generate = shard_jit(
             spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC

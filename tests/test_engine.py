@@ -106,7 +106,7 @@ def test_bf16_target_keeps_an_fp32_cache_and_hands_the_drafter_fp32_tables():
     config = EngineConfig(beam=BeamConfig(3, 2), max_new_tokens=6, time_phases=False)
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
     assert eng.draft_params[1].embed.dtype == jnp.float32
-    tied = dataclasses.replace(eng.beam_fn.config, tie_lm_head=True, exit_dim=CONFIG.hidden_size)
+    tied = dataclasses.replace(eng.drafter_config, tie_lm_head=True, exit_dim=CONFIG.hidden_size)
     target = target_embeddings(llm, tied)
     assert {target.embed.dtype, target.lm_head.dtype} == {jnp.dtype(jnp.float32)}
     toks, lengths = eng._batch([eng.encode(item) for item in ITEMS])
