@@ -16,9 +16,8 @@ from drafter.model import (
     TargetEmbeddings,
     check_target,
     context,
-    dense,
     features,
-    head_weights,
+    head_product,
     logits_to_log_probs,
     rnn_step,
     to_target_ids,
@@ -48,13 +47,13 @@ def _step_fn(params, config: DrafterConfig, target: TargetEmbeddings, llm_state)
 
     Returns step: [H], [] target id -> [H], [V_draft] (vmappable over beams).
     """
-    head = head_weights(params, config, target)
+    head = head_product(params, config, target)
     ctx = context(params, config, llm_state)
 
     def step(rnn_state, token):
         rnn_state = rnn_step(params, target.embed[token], rnn_state)
         x = features(params, config, llm_state, ctx, rnn_state)
-        return rnn_state, logits_to_log_probs(config, dense(x, head))
+        return rnn_state, logits_to_log_probs(config, head(x))
 
     return step
 

@@ -37,7 +37,7 @@ from drafter.model import init_params as init_drafter
 from drafter.model import with_draft_head
 from drafter.sampling import SamplingConfig
 from pipeline import speculative as spec
-from pipeline.llm import unstack_cache, unstack_layers
+from pipeline.llm import unstack_cache, unstack_layers, with_transposed_head
 from pipeline.prompts import PromptItem
 from sharding import make_mesh, replicate, shard_jit
 
@@ -83,6 +83,11 @@ class EngineConfig:
     # memory and keeps greedy decoding exact: activations enter each bf16 matmul as two bf16
     # parts (`pipeline.llm._split`), so products keep about fp32 accuracy (README, Benchmarks).
     dtype: str = "float32"
+    # Hold the target's output table a second time, transposed (`llm.with_transposed_head`), for
+    # the few-row logits of a verify step: on the CPU that product is faster from a `[D, V]` table
+    # (5 rows of SmolLM2's head: 5.4 against 7.1 ms), at the cost of a second copy of the table.
+    # The drafter's head rows are held in both layouts regardless (`draft_params_for`).
+    transposed_head: bool = True
 
     def __post_init__(self):
         for name in ("max_new_tokens", "batch_size"):
@@ -130,11 +135,18 @@ class Engine:
         # SmolLM2 in fp32: a batch-1 call took 140 ms longer for a prompt alone and 420 ms for a
         # 48-token answer on the 2-core CPU, ad-hoc); per-layer arrays are read in place. Memory:
         # a second copy while the caller keeps the stacked one.
-        self.llm_params = replicate(unstack_layers(llm_params), self.mesh)
-        # The tied head's draft-vocabulary rows, gathered once here rather than on every step.
-        target = with_draft_head(drafter_config, target_embeddings(llm_params, drafter_config,
-                                                                   vocab_map))  # fmt: skip
-        self.draft_params = replicate((drafter_params, target), self.mesh)
+        held = unstack_layers(llm_params)
+        self.llm_params = replicate(with_transposed_head(held) if config.transposed_head else held,
+                                    self.mesh)  # fmt: skip
+        # The tied head's draft-vocabulary rows, gathered once here rather than on every step,
+        # in two layouts: [K, D] for drafting one row (one prompt, one beam), [D, K] for several
+        # (`with_draft_head`; `draft_params_for` picks).
+        target = target_embeddings(llm_params, drafter_config, vocab_map)
+        self.draft_params = replicate((drafter_params, with_draft_head(drafter_config, target)),
+                                      self.mesh)  # fmt: skip
+        self._draft_params_rows = replicate(
+            (drafter_params, with_draft_head(drafter_config, target, transposed=True)), self.mesh
+        )
         self.drafter_config = drafter_config  # draft functions per tree: `draft_fns`
         self.rule = spec.default_rule(config.sampling)
         self._generate = shard_jit(
@@ -216,6 +228,12 @@ class Engine:
             return c.single_beam
         return c.beam
 
+    def draft_params_for(self, rows: int, beam: BeamConfig):
+        """The drafter's params and target tables for a batch of `rows` prompts drafting `beam`:
+        the head rows as [K, D] when the drafting step's head product has one row (one prompt,
+        one beam), transposed otherwise (`drafter.with_draft_head`). Same drafts either way."""
+        return self.draft_params if rows * beam.width == 1 else self._draft_params_rows
+
     def draft_fns(self, beam: BeamConfig):
         """(the drafter's own beam search, the draft function decoding uses: with the lookup
         candidate if configured) for `beam`."""
@@ -281,7 +299,8 @@ class Engine:
         )
         compiled = self._generate.cache_size()
         t0 = time.perf_counter()
-        out = jax.device_get(self._generate(self.llm_params, self.draft_params, *args, *static))
+        draft_params = self.draft_params_for(b, beam)
+        out = jax.device_get(self._generate(self.llm_params, draft_params, *args, *static))
         self.last_call_compiled = self._generate.cache_size() > compiled
         return out, time.perf_counter() - t0
 
@@ -312,7 +331,8 @@ class Engine:
             eos_ids=(),
         )
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, 1)
-        draft = lambda: _draft_jit(draft_fn, self.draft_params, state, keys)
+        draft_params = self.draft_params_for(b, beam)
+        draft = lambda: _draft_jit(draft_fn, draft_params, state, keys)
         drafts = _timed(draft)[1]
         cache = unstack_cache(state.cache)  # the layers are held unstacked already
         verify = lambda: _verify_jit(self.llm_params, self.llm_config, cache, drafts.tokens)
@@ -373,7 +393,7 @@ class Engine:
             drafts = jax.device_get(
                 self._draft(
                     self.llm_params,
-                    self.draft_params,
+                    self.draft_params_for(len(chunk), beam),
                     toks,
                     lengths,
                     jax.random.key(self.config.seed),

@@ -15,6 +15,7 @@ from drafter import (
     TargetEmbeddings,
     beam_search,
     check_target,
+    draft_batch,
     draft_logits,
     init_params,
     load_reference,
@@ -221,6 +222,32 @@ def test_gathered_draft_head_drafts_the_same():
     for name in ("tied", "reduced"):
         plain = make_target(CONFIGS[name], jax.random.key(12), vocab_map_for(CONFIGS[name]))
         assert with_draft_head(CONFIGS[name], plain).draft_head is None
+
+
+def test_transposed_draft_head_drafts_the_same():
+    """`with_draft_head(..., transposed=True)` holds the rows as [D, K] (`draft_head_t`), for
+    drafting many rows at once: the same beams for one prompt and for a batch, within fp32 sums
+    in another order for the log-probabilities; wrong shapes and both layouts at once are named."""
+    config = CONFIGS["reduced_tied"]
+    params = init_params(config, jax.random.key(10))
+    target = make_target(config, jax.random.key(11), vocab_map_for(config))
+    rows, cols = with_draft_head(config, target), with_draft_head(config, target, transposed=True)
+    assert cols.draft_head is None and cols.draft_head_t.shape == (D, 20)
+    np.testing.assert_array_equal(cols.draft_head_t, rows.draft_head.T)
+    states = jnp.asarray(np.random.default_rng(3).normal(size=(4, D)), jnp.float32)
+    tokens = jnp.asarray([3, 0, 7, 3], jnp.int32)
+    for beam in (BeamConfig(1, 4), BeamConfig(3, 4)):
+        want = draft_batch(params, config, rows, states, tokens, beam)
+        got = draft_batch(params, config, cols, states, tokens, beam)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.token_log_probs, want.token_log_probs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="draft_head_t"):
+        check_target(config, cols._replace(draft_head_t=rows.draft_head))
+    with pytest.raises(ValueError, match="not both"):
+        check_target(config, cols._replace(draft_head=rows.draft_head))
+    plain = make_target(CONFIGS["tied"], jax.random.key(12), vocab_map_for(CONFIGS["tied"]))
+    assert with_draft_head(CONFIGS["tied"], plain, transposed=True).draft_head_t is None
 
 
 # --- PyTorch-reference weights ---------------------------------------------------------------

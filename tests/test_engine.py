@@ -156,3 +156,22 @@ def test_a_greedy_batch_of_one_prompt_drafts_with_single_beam():
     assert Engine.from_params(CONFIG, llm, config=hot).beam_for(1) == BeamConfig(3, 2)
     fixed = dataclasses.replace(config, single_beam=None)
     assert Engine.from_params(CONFIG, llm, config=fixed).beam_for(1) == BeamConfig(3, 2)
+
+
+def test_the_transposed_head_copy_changes_no_token():
+    """EngineConfig.transposed_head holds the untied head a second time as [D, V] for the
+    few-row verify logits; greedy output and its AR reference are the same without it."""
+    llm = init_llm(CONFIG, jax.random.key(0))
+    config = EngineConfig(beam=BeamConfig(3, 2), max_new_tokens=10, time_phases=False)
+    with_copy = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+    plain = dataclasses.replace(config, transposed_head=False)
+    without = Engine.from_params(CONFIG, llm, config=plain, tokenizer=CharTokenizer())
+    np.testing.assert_array_equal(with_copy.llm_params["head_t"], llm["lm_head"].T)
+    assert "head_t" not in without.llm_params
+    assert [r["token_ids"] for r in with_copy.generate(ITEMS)] == [
+        r["token_ids"] for r in without.generate(ITEMS)
+    ]
+    # The drafter's head rows: [K, D] for one row of drafting, the transposed copy for several.
+    assert with_copy.draft_params_for(1, BeamConfig(1, 4)) is with_copy.draft_params
+    assert with_copy.draft_params_for(1, BeamConfig(2, 4)) is with_copy._draft_params_rows
+    assert with_copy.draft_params_for(3, BeamConfig(1, 1)) is with_copy._draft_params_rows

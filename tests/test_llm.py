@@ -355,6 +355,41 @@ def test_bf16_weights_do_not_round_the_activations():
     np.testing.assert_array_equal(llm._dense(x, w.astype(f32)), x @ w.astype(f32))  # fp32 as is
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_transposed_head_gives_the_same_logits(tied, dtype):
+    """`with_transposed_head` adds a `[D, V]` copy of the output table (the untied head if there is
+    one, else the embedding); `lm_logits` reads it for 2..TRANSPOSED_HEAD_MAX_ROWS rows and the
+    stored `[V, D]` table otherwise, with the same logits either way (fp32 sums in another order)
+    and the same greedy tokens through the whole forward pass."""
+    cfg = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
+    params = jax.tree.map(lambda a: a.astype(dtype), random_params(cfg, seed=5))
+    table = params["embed"] if tied else params["lm_head"]
+    held = llm.with_transposed_head(params)
+    assert held["head_t"].shape == (cfg.hidden_size, cfg.vocab_size)
+    assert held["head_t"].dtype == dtype
+    np.testing.assert_array_equal(held["head_t"], table.T)
+    if not tied:  # the head, not the embedding, is what gets transposed
+        assert not np.array_equal(held["head_t"], params["embed"].T)
+    rng = np.random.default_rng(1)
+    for rows in (1, 2, 5, llm.TRANSPOSED_HEAD_MAX_ROWS, llm.TRANSPOSED_HEAD_MAX_ROWS + 1):
+        hidden = jnp.asarray(rng.normal(size=(rows, cfg.hidden_size)), jnp.float32)
+        want = np.asarray(llm.lm_logits(params, hidden))
+        got = np.asarray(llm.lm_logits(held, hidden))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # Which table a row count reads: poison the copy and see where the logits change.
+    poisoned = {**held, "head_t": jnp.zeros_like(held["head_t"])}
+    for rows, reads_copy in ((1, False), (2, True), (llm.TRANSPOSED_HEAD_MAX_ROWS, True),
+                             (llm.TRANSPOSED_HEAD_MAX_ROWS + 1, False)):  # fmt: skip
+        hidden = jnp.asarray(rng.normal(size=(rows, cfg.hidden_size)), jnp.float32)
+        zero = not np.asarray(llm.lm_logits(poisoned, hidden)).any()
+        assert zero == reads_copy, rows
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, 7))
+    a, b = run_fresh(params, cfg, tokens), run_fresh(held, cfg, tokens)
+    np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5 * np.abs(a.logits).max())
+    np.testing.assert_array_equal(b.logits.argmax(-1), a.logits.argmax(-1))
+
+
 def test_bad_config_and_shapes_are_named():
     with pytest.raises(ValueError, match="num_kv_heads"):
         LlamaConfig(96, 32, 48, 2, num_heads=4, num_kv_heads=3, head_dim=8)
