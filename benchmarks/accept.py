@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=decode._at_least_one, default=None, metavar="N",
                         help="use only the first N prompts")  # fmt: skip
     parser.add_argument("--beams", nargs="+", type=decode.parse_beam, default=None, metavar="WxL",
-                        help="beam width x draft length (default: 1x1 1x4 2x4)")  # fmt: skip
+                        help="beam width x draft length, r: per root (default: 1x1 1x4 "
+                             "2x4)")  # fmt: skip
     parser.add_argument(
         "--lookup",
         nargs="+",
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace) -> dict:
             engine = Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
             t0 = time.perf_counter()
             outs = [engine.generate_ids(c, list(range(len(c))))[0] for c in chunks]
-            row = {"width": beam.width, "length": beam.length, "lookup": lookup,
+            row = {"width": beam.width, "length": beam.length, "per_root": beam.per_root,
+                   "lookup": lookup,
                    "lookup_in_place": in_place,
                    **pooled(outs), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             log(str(row))

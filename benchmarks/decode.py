@@ -31,8 +31,6 @@ import time
 
 import numpy as np
 
-from benchmarks import drafter as drafter_bench
-
 PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -46,10 +44,13 @@ PROMPTS = (
 
 
 def parse_beam(text: str):
-    """ "2x3" -> BeamConfig(2, 3), through the drafter benchmark's parser."""
+    """ "2x3" -> BeamConfig(2, 3), "2x3r" -> the same per root (an argparse type)."""
     from drafter.config import BeamConfig
 
-    return BeamConfig(*drafter_bench.parse_beam(text))
+    try:
+        return BeamConfig.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _at_least_one(text: str) -> int:
@@ -92,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_beam,
         default=None,
         metavar="WxL",
-        help="beam width x draft length (default: 1x1 1x2 1x4 2x4)",
+        help="beam width x draft length, a trailing r for per-root beams (BeamConfig.per_root; "
+        "default: 1x1 1x2 1x4 2x4)",
     )
     parser.add_argument("--lookup", nargs="+", type=parse_lookup, default=[(0, False)],
                         metavar="N[i]", help="prompt lookup, each with every beam shape: N adds a "
@@ -228,6 +230,7 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "batch": batch,
         "width": beam.width,
         "length": beam.length,
+        "per_root": beam.per_root,
         "lookup": engine.config.lookup,
         "lookup_in_place": engine.config.lookup_in_place,
         "prompts": sum(len(c) for c in chunks),

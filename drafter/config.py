@@ -74,22 +74,40 @@ class DrafterConfig:
 
 @dataclass(frozen=True)
 class BeamConfig:
-    """Beam search shape: `width` beams (W) of `length` drafted tokens (L) after the LLM's token."""
+    """Beam search shape: `width` beams (W) of `length` drafted tokens (L) after the LLM's token.
+
+    per_root: each of the first step's top-W tokens grows its own beam, one token at a time by
+    that beam's argmax (W greedy chains from W distinct first tokens), instead of every later step
+    keeping the joint top-W over all beams. Joint beams tend to share their first tokens and
+    differ only deep down, where a draft is rarely still accepted; distinct first tokens raise the
+    chance that some candidate's first token is right (held-out, README). Same cost per step.
+    """
 
     width: int
     length: int
+    per_root: bool = False
 
     def __post_init__(self):
         _positive("BeamConfig", "width", self.width)
         _positive("BeamConfig", "length", self.length)
+        if not isinstance(self.per_root, bool):
+            raise ValueError(f"BeamConfig.per_root must be a bool, got {self.per_root!r}")
+
+    @property
+    def label(self) -> str:
+        """ "2x3", or "2x3r" per root (what `parse` reads)."""
+        return f"{self.width}x{self.length}{'r' if self.per_root else ''}"
 
     @classmethod
     def parse(cls, text: str) -> BeamConfig:
-        """ "2x3" -> BeamConfig(width=2, length=3); ValueError naming the text otherwise."""
+        """ "2x3" -> BeamConfig(width=2, length=3), "2x3r" -> the same per root; ValueError naming
+        the text otherwise."""
+        body = text.lower()
+        per_root = body.endswith("r")
         try:
-            width, length = (int(p) for p in text.lower().split("x"))
+            width, length = (int(p) for p in body.removesuffix("r").split("x"))
         except ValueError:
-            raise ValueError(f"expected WxL such as 2x3, got {text!r}") from None
+            raise ValueError(f"expected WxL such as 2x3 (2x3r: per root), got {text!r}") from None
         if width < 1 or length < 1:
             raise ValueError(f"W and L must be >= 1, got {text!r}")
-        return cls(width, length)
+        return cls(width, length, per_root)

@@ -30,7 +30,8 @@ class Drafts(NamedTuple):
 
     tokens: [W, L+1] int32 target ids; column 0 is the LLM's token.
     scores: [W] log-probability of each draft (the sum of token_log_probs); sorted descending
-        for beam search, in key order for independent sampling.
+        for beam search (per root: in the order of the first tokens' log-probabilities), in key
+        order for independent sampling.
     token_log_probs: [W, L] log-probability of each drafted token under the distribution it was
         chosen from.
     log_probs: [W, L, V_draft] | None that distribution itself, over draft ids (for acceptance).
@@ -160,16 +161,22 @@ class _Level(NamedTuple):
     log_probs: jax.Array | None  # [W, V_draft] of the W parents, before selection
 
 
-def _grow(step, target, width: int, return_log_probs: bool):
-    """The scan body of beam search after its first step: joint top-W over W x V_draft."""
+def _grow(step, target, width: int, return_log_probs: bool, per_root: bool = False):
+    """The scan body of beam search after its first step: joint top-W over W x V_draft, or with
+    `per_root` each beam's own argmax (its parent is itself)."""
 
     def body(carry, _):
         rnn_states, scores, tokens = carry
         rnn_states, log_probs = jax.vmap(step)(rnn_states, tokens)  # [W, H], [W, V]
         vocab = log_probs.shape[-1]
-        joint = (scores[:, None] + log_probs).reshape(-1)
-        scores, flat = jax.lax.top_k(joint, width)
-        parents, ids = flat // vocab, flat % vocab
+        if per_root:
+            parents = jnp.arange(width)
+            ids = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+            scores = scores + log_probs[parents, ids]
+        else:
+            joint = (scores[:, None] + log_probs).reshape(-1)
+            scores, flat = jax.lax.top_k(joint, width)
+            parents, ids = flat // vocab, flat % vocab
         level = _Level(
             ids, parents, log_probs[parents, ids], log_probs if return_log_probs else None
         )
@@ -208,7 +215,9 @@ def beam_search(
     Every beam starts from the LLM's token with a zero RNN state. The first step would give all W
     beams the same state and distribution, so it is computed once and its top-W tokens seed W
     distinct beams (the reference instead scores beams 1..W-1 as log 0). Each later step takes the
-    joint top-W over W x V_draft (beam log-prob + token log-prob).
+    joint top-W over W x V_draft (beam log-prob + token log-prob); with `beam.per_root` each beam
+    instead extends itself by its own argmax, so the W beams keep their W distinct first tokens,
+    in the order of those tokens' log-probabilities (scores then need not be sorted).
 
     With `reference_logits` the beams equal the reference's when W <= 50 (its top-50 mask): for
     wider beams the reference can also pick masked tokens of its log-0 beams at the first step.
@@ -230,7 +239,7 @@ def beam_search(
             scores,
             to_target_ids(target, ids),
         )
-        body = _grow(step, target, width, return_log_probs)
+        body = _grow(step, target, width, return_log_probs, beam.per_root)
         (_, scores, _), later = jax.lax.scan(body, carry, None, length=beam.length - 1)
         levels = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), levels, later)
     ids, token_lp, dists = _backtrack(levels)

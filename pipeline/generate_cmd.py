@@ -31,6 +31,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length", type=int, default=None,
                    help=f"draft length L for every batch (default: {DEFAULTS.beam.length}; "
                         f"{one.length} for a greedy batch of one prompt)")  # fmt: skip
+    g.add_argument("--per-root", action=argparse.BooleanOptionalAction, default=None,
+                   help="each of the top-W first tokens grows its own beam (BeamConfig.per_root; "
+                        f"default: {'on' if one.per_root else 'off'} for a greedy batch of one "
+                        "prompt)")  # fmt: skip
     g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
                    help="add a draft copied from the context after its longest repeated n-gram "
                         "of <= N tokens (0: drafter only; default 4)")  # fmt: skip
@@ -55,13 +59,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig that `add_engine_arguments` flags describe (errors name the field).
 
-    No --width/--length: the defaults, `EngineConfig.beam` and `single_beam` for a greedy batch
-    of one prompt; either flag: that tree for every batch (the other from `beam`)."""
+    No --width/--length/--per-root: the defaults, `EngineConfig.beam` and `single_beam` for a
+    greedy batch of one prompt; any of them: that tree for every batch (the rest from `beam`)."""
     shape = {}
-    if args.width is not None or args.length is not None:
+    per_root = getattr(args, "per_root", None)
+    if args.width is not None or args.length is not None or per_root is not None:
         width = DEFAULTS.beam.width if args.width is None else args.width
         length = DEFAULTS.beam.length if args.length is None else args.length
-        shape = {"beam": BeamConfig(width, length), "single_beam": None}
+        per_root = DEFAULTS.beam.per_root if per_root is None else per_root
+        shape = {"beam": BeamConfig(width, length, per_root), "single_beam": None}
     return EngineConfig(
         model=args.model,
         drafter=args.drafter,

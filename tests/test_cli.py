@@ -260,9 +260,13 @@ def test_engine_flags_carry_the_tree():
     shape = lambda argv: (lambda c: (c.beam, c.single_beam))(
         engine_config_from_args(parser.parse_args(argv))
     )
-    assert shape([]) == (BeamConfig(1, 1), BeamConfig(1, 4))  # (1, 4) for one greedy prompt
+    # (2, 4) per root for one greedy prompt
+    assert shape([]) == (BeamConfig(1, 1), BeamConfig(2, 4, per_root=True))
     assert shape(["--width", "2", "--length", "3"]) == (BeamConfig(2, 3), None)
     assert shape(["--length", "2"]) == (BeamConfig(1, 2), None)
+    per_root = ["--width", "2", "--length", "4", "--per-root"]
+    assert shape(per_root) == (BeamConfig(2, 4, per_root=True), None)
+    assert shape(["--no-per-root"]) == (BeamConfig(1, 1), None)
     with pytest.raises(ValueError, match="BeamConfig.width"):
         engine_config_from_args(parser.parse_args(["--width", "0"]))
 

@@ -108,6 +108,61 @@ def test_beam_invariants_reduced_vocab():
     np.testing.assert_allclose(np.exp(got.log_probs).sum(-1), 1.0, rtol=1e-5)
 
 
+def np_per_root_search(config, params, target, llm_states, llm_tokens, width, length):
+    """`BeamConfig.per_root`, by hand over [B, W]: the first distribution's top-W tokens, then
+    each beam extended by its own argmax, no selection across beams."""
+    tp, to_target = torch_layout(params, config), draft_to_target(config, target)
+    batch = llm_states.shape[0]
+    state = np.zeros((batch, 1, config.hidden_size))
+    state, log_probs = np_step(tp, config, target, llm_states[:, None], state, llm_tokens[:, None])
+    ids = np.argsort(-log_probs[:, 0], axis=-1, kind="stable")[:, :width]  # [B, W]
+    token_lp = [np.take_along_axis(log_probs[:, 0], ids, -1)]
+    state = np.repeat(state, width, axis=1)
+    history = [ids]
+    for _ in range(length - 1):
+        state, log_probs = np_step(tp, config, target, llm_states[:, None], state,
+                                   to_target[history[-1]])  # fmt: skip
+        history.append(np.argmax(log_probs, axis=-1))
+        token_lp.append(np.take_along_axis(log_probs, history[-1][..., None], -1)[..., 0])
+    drafted = to_target[np.stack(history, -1)]
+    tokens = np.concatenate([np.repeat(llm_tokens[:, None, None], width, 1), drafted], -1)
+    return tokens, np.stack(token_lp, -1)
+
+
+@pytest.mark.parametrize("name", ["proj", "reduced_tied"])
+def test_per_root_beams_are_greedy_chains_from_the_top_w_first_tokens(name):
+    config, params, target, llm_states, llm_tokens = setup(name, seed=4)
+    beam = BeamConfig(4, 3, per_root=True)
+    got = jit_beams(params, config, target, llm_states, llm_tokens, beam, False)
+    tokens, token_lp = np_per_root_search(config, params, target, llm_states, llm_tokens, 4, 3)
+    np.testing.assert_array_equal(got.tokens, tokens)
+    np.testing.assert_allclose(got.token_log_probs, token_lp, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.scores, token_lp.sum(-1), rtol=1e-4, atol=1e-4)
+    for b in range(B):  # W distinct first tokens, in order of their log-probability
+        assert len(set(got.tokens[b, :, 1].tolist())) == 4
+        assert (np.diff(np.asarray(got.token_log_probs[b, :, 0])) <= 0).all()
+    # Beam 0 is the greedy chain, i.e. width-1 beam search; joint beam search differs here.
+    one = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(1, 3), False)
+    np.testing.assert_array_equal(got.tokens[:, :1], one.tokens)
+    joint = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(4, 3), False)
+    assert not np.array_equal(got.tokens, joint.tokens)
+    # At L = 1 both searches are the first distribution's top W.
+    short = [jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(4, 1, r), False)
+             for r in (False, True)]  # fmt: skip
+    np.testing.assert_array_equal(short[0].tokens, short[1].tokens)
+
+
+def test_beam_config_parses_per_root():
+    assert BeamConfig.parse("2x4r") == BeamConfig(2, 4, per_root=True)
+    assert BeamConfig.parse("2X4") == BeamConfig(2, 4)
+    assert BeamConfig(3, 2, True).label == "3x2r" and BeamConfig(3, 2).label == "3x2"
+    for bad in ("2x4rr", "r2x4", "2x"):
+        with pytest.raises(ValueError, match="WxL"):
+            BeamConfig.parse(bad)
+    with pytest.raises(ValueError, match="per_root"):
+        BeamConfig(2, 4, per_root=1)
+
+
 def test_length_one_is_top_w_of_first_distribution():
     config, params, target, llm_states, llm_tokens = setup("proj", seed=2)
     got = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(5, 1), False)

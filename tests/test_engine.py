@@ -175,3 +175,21 @@ def test_the_transposed_head_copy_changes_no_token():
     assert with_copy.draft_params_for(1, BeamConfig(1, 4)) is with_copy.draft_params
     assert with_copy.draft_params_for(1, BeamConfig(2, 4)) is with_copy._draft_params_rows
     assert with_copy.draft_params_for(3, BeamConfig(1, 1)) is with_copy._draft_params_rows
+
+
+def test_the_default_tree_for_one_prompt_is_per_root_and_exact():
+    """EngineConfig's default `single_beam`, (2, 4) per root, decodes a prompt alone to AR's
+    tokens, and the metrics name the tree."""
+    llm = init_llm(CONFIG, jax.random.key(0))
+    config = EngineConfig(max_new_tokens=10, batch_size=1, time_phases=False)
+    assert config.single_beam == BeamConfig(2, 4, per_root=True)
+    eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+    results = eng.generate(ITEMS)
+    for item, r in zip(ITEMS, results, strict=True):
+        toks, lengths = eng._batch([eng.encode(item)])
+        want = generate(eng.llm_params, CONFIG, toks, lengths, GREEDY, jax.random.key(0), 10)
+        assert r["token_ids"] == [int(t) for t in want.tokens[0, : want.lengths[0]]]
+        m = r["metrics"]
+        assert (m["width"], m["length"], m["per_root"]) == (2, 4, True)
+    beams = eng.draft(ITEMS[:1])[0]["beams"]
+    assert len(beams) == 2 and beams[0][1] != beams[1][1]  # two distinct first tokens
