@@ -58,17 +58,16 @@ class EngineConfig:
     # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
     # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
     # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of
-    # one row: (2, 4) per root (`BeamConfig.per_root`: two greedy chains from the drafter's two
-    # likeliest first tokens, the lookup copy in place of the second when it matched). It ran as
-    # fast as (1, 4), the fastest shape before it (1.65x against 1.64x AR, 128 tokens; loop steps
-    # of 1 prompt x 4: 3.67 against 3.60 s; one run of four had it 15% slower), and accepts 2.530
-    # tokens per call on the 64 held-out prompts against 2.266 (README). None: `beam` for every
-    # batch. Sampled decoding
+    # one row: there (1, 4) led or tied in every run (1.71x / 1.80x AR at 128 / 48 new tokens
+    # with this version's heads). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts
+    # more, 2.530 tokens per call on the 64 held-out prompts against 2.266, but in four 128-token
+    # runs it tied (1, 4) twice and ran 11% and 15% slower twice, so on this CPU it is the option
+    # for acceptance, not the default (README). None: `beam` for every batch. Sampled decoding
     # keeps `beam` whatever the batch, so a prompt's draws do not depend on the batch it is in
     # (greedy output is the same for any tree). On a GPU, where wide trees are nearly free,
     # measure and pass a wider one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
-    single_beam: BeamConfig | None = BeamConfig(width=2, length=4, per_root=True)
+    single_beam: BeamConfig | None = BeamConfig(width=1, length=4)
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
     # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
     # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least

@@ -260,8 +260,7 @@ def test_engine_flags_carry_the_tree():
     shape = lambda argv: (lambda c: (c.beam, c.single_beam))(
         engine_config_from_args(parser.parse_args(argv))
     )
-    # (2, 4) per root for one greedy prompt
-    assert shape([]) == (BeamConfig(1, 1), BeamConfig(2, 4, per_root=True))
+    assert shape([]) == (BeamConfig(1, 1), BeamConfig(1, 4))  # (1, 4) for one greedy prompt
     assert shape(["--width", "2", "--length", "3"]) == (BeamConfig(2, 3), None)
     assert shape(["--length", "2"]) == (BeamConfig(1, 2), None)
     per_root = ["--width", "2", "--length", "4", "--per-root"]

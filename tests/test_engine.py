@@ -177,12 +177,13 @@ def test_the_transposed_head_copy_changes_no_token():
     assert with_copy.draft_params_for(3, BeamConfig(1, 1)) is with_copy._draft_params_rows
 
 
-def test_the_default_tree_for_one_prompt_is_per_root_and_exact():
-    """EngineConfig's default `single_beam`, (2, 4) per root, decodes a prompt alone to AR's
-    tokens, and the metrics name the tree."""
+def test_a_per_root_tree_for_one_prompt_is_exact():
+    """`single_beam` = (2, 4) per root decodes a prompt alone to AR's tokens, and the metrics
+    name the tree."""
     llm = init_llm(CONFIG, jax.random.key(0))
-    config = EngineConfig(max_new_tokens=10, batch_size=1, time_phases=False)
-    assert config.single_beam == BeamConfig(2, 4, per_root=True)
+    config = EngineConfig(single_beam=BeamConfig(2, 4, per_root=True), max_new_tokens=10,
+                          batch_size=1, time_phases=False)  # fmt: skip
+    assert EngineConfig().single_beam == BeamConfig(1, 4)  # the CPU default (README)
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
     results = eng.generate(ITEMS)
     for item, r in zip(ITEMS, results, strict=True):
