@@ -73,6 +73,10 @@ def parse_beam(text: str) -> tuple[int, int]:
         beam = BeamConfig.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if beam.per_root:  # its cost model and timings are joint beam search's
+        raise argparse.ArgumentTypeError(
+            f"bench drafter times joint beam search: {text!r} is per root"
+        )
     return beam.width, beam.length
 
 

@@ -50,7 +50,7 @@ def test_projection_shape_counts_its_projection():
 
 def test_parse_beam():
     assert parse_beam("45x5") == (45, 5)
-    for bad in ("45", "0x5", "ax5"):
+    for bad in ("45", "0x5", "ax5", "2x4r"):  # per root: not what bench drafter times
         with pytest.raises(argparse.ArgumentTypeError):
             parse_beam(bad)
 

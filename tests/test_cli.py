@@ -279,6 +279,17 @@ def test_bench_lookup_values():
             parse_lookup(bad)
 
 
+def test_bench_beam_values():
+    from benchmarks.decode import parse_beam
+    from drafter.config import BeamConfig
+
+    assert parse_beam("2x4r") == BeamConfig(2, 4, per_root=True)
+    assert parse_beam("1x4") == BeamConfig(1, 4)
+    for bad in ("2x4rr", "0x4", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="WxL|>= 1"):
+            parse_beam(bad)
+
+
 def test_train_on_your_own_prompt_files_records_them(tiny_model, tmp_path):
     train = tmp_path / "mine.jsonl"
     rows = [{"id": f"t{i}", "prompt": f"hi number {i}"} for i in range(6)]
