@@ -93,11 +93,6 @@ class BeamConfig:
         if not isinstance(self.per_root, bool):
             raise ValueError(f"BeamConfig.per_root must be a bool, got {self.per_root!r}")
 
-    @property
-    def label(self) -> str:
-        """ "2x3", or "2x3r" per root (what `parse` reads)."""
-        return f"{self.width}x{self.length}{'r' if self.per_root else ''}"
-
     @classmethod
     def parse(cls, text: str) -> BeamConfig:
         """ "2x3" -> BeamConfig(width=2, length=3), "2x3r" -> the same per root; ValueError naming

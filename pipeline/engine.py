@@ -57,15 +57,15 @@ class EngineConfig:
     # The draft tree, chosen from `specdraft bench decode` with the shipped drafter and the lookup
     # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
     # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
-    # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of
-    # one row: there (1, 4) led or tied in every run (1.71x / 1.80x AR at 128 / 48 new tokens
-    # with this version's heads). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts
+    # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of one
+    # row: there (1, 4) led or tied in every run (1.71x AR at 128 new tokens with the transposed
+    # heads; 1.80x at 48 before them). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts
     # more, 2.530 tokens per call on the 64 held-out prompts against 2.266, but in four 128-token
     # runs it tied (1, 4) twice and ran 11% and 15% slower twice, so on this CPU it is the option
-    # for acceptance, not the default (README). None: `beam` for every batch. Sampled decoding
-    # keeps `beam` whatever the batch, so a prompt's draws do not depend on the batch it is in
-    # (greedy output is the same for any tree). On a GPU, where wide trees are nearly free,
-    # measure and pass a wider one (`--width`, `--length`).
+    # for acceptance, not the default (README). None: `beam` for every batch. Sampled decoding keeps
+    # `beam` whatever the batch, so a prompt's draws do not depend on the batch it is in (greedy
+    # output is the same for any tree). On a GPU, where wide trees are nearly free, measure and pass
+    # a wider one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
     single_beam: BeamConfig | None = BeamConfig(width=1, length=4)
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
@@ -147,8 +147,10 @@ class Engine:
         target = target_embeddings(llm_params, drafter_config, vocab_map)
         self.draft_params = replicate((drafter_params, with_draft_head(drafter_config, target)),
                                       self.mesh)  # fmt: skip
-        self._draft_params_rows = replicate(
-            (drafter_params, with_draft_head(drafter_config, target, transposed=True)), self.mesh
+        wide = with_draft_head(drafter_config, target, transposed=True)
+        # Nothing to gather (an own head, or no reduced vocabulary): one layout serves all.
+        self._draft_params_rows = (
+            self.draft_params if wide is target else replicate((drafter_params, wide), self.mesh)
         )
         self.drafter_config = drafter_config  # draft functions per tree: `draft_fns`
         self.rule = spec.default_rule(config.sampling)

@@ -62,7 +62,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     No --width/--length/--per-root: the defaults, `EngineConfig.beam` and `single_beam` for a
     greedy batch of one prompt; any of them: that tree for every batch (the rest from `beam`)."""
     shape = {}
-    per_root = getattr(args, "per_root", None)
+    per_root = args.per_root
     if args.width is not None or args.length is not None or per_root is not None:
         width = DEFAULTS.beam.width if args.width is None else args.width
         length = DEFAULTS.beam.length if args.length is None else args.length

@@ -306,13 +306,13 @@ def with_transposed_head(params) -> dict:
     embedding) as a separate, materialised `[D, V]` array.
 
     On the CPU, XLA multiplies a few rows by a `[D, V]` table faster than by the `[V, D]` one, and
-    one row slower: SmolLM2's 49152-row head, fp32, 2 cores, a separate jit per case (ad-hoc,
-    median of 40): 1 row 3.2 ms `[V, D]` against 3.8 ms `[D, V]`; 5 rows 7.1 against 5.4 ms;
-    8 rows 7.3 against 5.3; 16 rows 8.3 against 6.7; 32 rows 10.3 against 11.5. So `lm_logits`
-    uses `head_t` for 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows (a verify step of a few tree nodes) and
-    the stored table otherwise (a one-token decode step, prefill). The cost is a second copy of
-    the table (113 MB for SmolLM2 in fp32). Call it once, outside jit (inside, XLA may fold the
-    transpose back into the dot).
+    one row slower: SmolLM2's 49152-row head, fp32, 2 cores, a separate jit per case (ad-hoc, median
+    of 40): 1 row 3.2 ms `[V, D]` against 3.8 ms `[D, V]`; 5 rows 7.1 against 5.4 ms; 8 rows 7.3
+    against 5.3; 16 rows 8.3 against 6.7; 32 rows 10.3 against 11.5. So `lm_logits` uses `head_t`
+    for 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows (a verify step of a few tree nodes, a small batch's
+    decode step or prefill logits) and the stored table otherwise (one row, or many). The cost is a
+    second copy of the table (113 MB for SmolLM2 in fp32). Call it once, outside jit (inside, XLA
+    may fold the transpose back into the dot).
     """
     table = params.get("lm_head", params["embed"])
     return {**params, "head_t": jnp.transpose(table)}
