@@ -22,7 +22,7 @@ from drafter.model import (
     rnn_step,
     to_target_ids,
 )
-from drafter.sampling import draw, warp_log_probs
+from drafter.sampling import argmax, draw, warp_log_probs
 
 
 class Drafts(NamedTuple):
@@ -171,7 +171,7 @@ def _grow(step, target, width: int, return_log_probs: bool, per_root: bool = Fal
         vocab = log_probs.shape[-1]
         if per_root:
             parents = jnp.arange(width)
-            ids = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+            ids = argmax(log_probs)
             scores = scores + log_probs[parents, ids]
         else:
             joint = (scores[:, None] + log_probs).reshape(-1)

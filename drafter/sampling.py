@@ -59,10 +59,26 @@ def warp_log_probs(logits, temperature, top_k: int | None = None, top_p=None):
     return jax.nn.log_softmax(scaled)
 
 
+def argmax(x, axis: int = -1):
+    """`jnp.argmax(x, axis)` as int32: the first index of the maximum, a NaN counting as the
+    maximum (the first NaN wins).
+
+    Two plain reductions (the max, then the smallest index holding it) instead of XLA's variadic
+    (value, index) reduce, which the CPU backend runs about 5x slower over a vocabulary: SmolLM2's
+    49152 logits, fp32, 2 cores, a jit per case (ad-hoc, median of 200): 1 row 48 against 258 us,
+    5 rows 148 against 698 us, 9 rows 278 against 1127 us.
+    """
+    axis = axis % x.ndim
+    top = jnp.max(x, axis=axis, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    return jnp.min(jnp.where(hit, index, x.shape[axis]), axis=axis).astype(jnp.int32)
+
+
 def greedy(logits):
     """[V] -> [] int32: the argmax, which is `sample` at temperature 0 (top-k and top-p never
     remove the most likely token)."""
-    return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
+    return argmax(logits.astype(jnp.float32))
 
 
 def sample(key, logits, temperature, top_k: int | None = None, top_p=None):
@@ -79,4 +95,4 @@ def draw(key, warped_log_probs, temperature):
     """key, [V] (from `warp_log_probs`), [] -> [] int32: `sample` for callers that keep the
     warped distribution (drafts record it), so it is not computed twice."""
     drawn = jax.random.categorical(key, warped_log_probs)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(warped_log_probs)).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, argmax(warped_log_probs)).astype(jnp.int32)

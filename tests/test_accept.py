@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from chi_square import goodness_of_fit
 
+from drafter import sampling
 from drafter.sampling import SamplingConfig, warp_log_probs
 from pipeline import accept, tree
 
@@ -122,3 +123,22 @@ def test_reference_rule_is_detectably_biased(target_logits):
 def test_leading_true():
     ok = jnp.array([[True, True, False, True], [False, True, True, True], [True] * 4])
     np.testing.assert_array_equal(np.asarray(accept.leading_true(ok)), [2, 0, 4])
+
+
+def test_argmax_is_jnp_argmax_ties_nans_and_infinities_included():
+    rng = np.random.default_rng(0)
+    ties = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf] * 4, [2.0, np.nan, 5.0, np.nan]], np.float32)
+    cases = [
+        ties,
+        rng.integers(0, 3, (6, 7, 5)).astype(np.float32),  # many ties
+        rng.standard_normal((3, 49152)).astype(np.float32),
+        np.where(rng.random((4, 9)) < 0.2, np.nan, rng.standard_normal((4, 9))).astype(np.float32),
+    ]
+    argmax = jax.jit(sampling.argmax, static_argnums=1)
+    for x in cases:
+        for axis in range(-x.ndim, x.ndim):
+            got = np.asarray(argmax(jnp.asarray(x), axis))
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(got, np.argmax(x, axis=axis), err_msg=f"axis {axis}")
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(ties), -1)), [1, 0, 1])
+    assert int(sampling.greedy(jnp.asarray(ties[0]))) == 1
