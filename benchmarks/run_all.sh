@@ -34,10 +34,14 @@ run decode "${held[@]}" --batches 1 --beams 1x1 1x4 2x4 2x6 --lookup 4i --max-ne
   --out "$out/decode-heldout-batch1-128.json"
 run decode "${held[@]}" --batches 1 --beams 1x2 1x3 1x4 2x3 --lookup 4i --max-new-tokens 128 \
   --out "$out/decode-heldout-batch1-128-mid.json"
-# Per-root beams (BeamConfig.per_root; (2, 4) per root is the default for a prompt alone).
+# Per-root beams (BeamConfig.per_root, an option; (1, 4) is the default for a prompt alone), and
+# the two candidates for that default head to head over 4 rounds.
 run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 3 --batches 1 \
   --beams 1x4 2x4r 3x4r --lookup 4i --max-new-tokens 128 \
   --out "$out/decode-heldout-batch1-per-root.json"
+run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 4 --batches 1 \
+  --beams 1x4 2x4r --lookup 4i --max-new-tokens 128 \
+  --out "$out/decode-heldout-batch1-head-to-head.json"
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
