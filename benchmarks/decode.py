@@ -11,7 +11,7 @@ trip included) over its loop iterations. `spec_loop_step_ms` / `ar_loop_step_ms`
 own: the same calls are also timed with a token limit of 1 (prefill and the first token, no loop
 iteration; same compiled executable, the limit is an array), in the same rounds, and that time is
 subtracted. `per_call_for_2x` = 2 x spec_loop / ar_loop: the tokens per call at which the loop
-alone would run at twice AR's speed.
+alone would run at twice AR's speed. `speedup_rounds` is `speedup` per timing round.
 
 Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
 rounds of (AR, every W x L, then each of them prefill-only), and each figure is the median over
@@ -237,6 +237,12 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,
         "speedup": (spec_tokens / spec_s) / (ar_tokens / ar_s),
+        # The same ratio per round (AR and spec passes of one round run back to back): its spread
+        # shows how much of a difference between cases is the machine's drift.
+        "speedup_rounds": [
+            round((spec_tokens / s) / (ar_tokens / a), 3)
+            for s, a in zip(spec[0], ar[0], strict=True)
+        ],
         "rows_identical_to_ar": sum(same),
         "accepted_per_call": float((hist * (1 + np.arange(hist.size))).sum() / hist.sum()),
         "draft_ms": draft_ms,

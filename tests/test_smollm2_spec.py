@@ -65,6 +65,8 @@ def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
         tokens = r["spec_tok_s"] * statistics.median(r["spec_seconds"])
         assert tokens == pytest.approx(r["ar_tok_s"] * statistics.median(ar_seconds), rel=1e-2)
         assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["ar_tok_s"])
+        per_round = [a / s for s, a in zip(r["spec_seconds"], ar_seconds, strict=True)]
+        assert r["speedup_rounds"] == pytest.approx(per_round, rel=2e-2)  # equal token counts
         assert 1.0 <= r["accepted_per_call"] <= 3.0
         assert r["rows_identical_to_ar"] == r["prompts"] == 8  # fp32 greedy: exact
         # The loop's own step cost: whole passes minus the prefill-only passes of the same round.
