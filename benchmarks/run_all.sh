@@ -45,4 +45,5 @@ run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repea
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
+run accept --beams 1x4 --lookup 4i 6i 8i 2i --out "$out/accept-heldout-ngram.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi
