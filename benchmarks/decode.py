@@ -13,10 +13,11 @@ iteration; same compiled executable, the limit is an array), in the same rounds,
 subtracted. `per_call_for_2x` = 2 x spec_loop / ar_loop: the tokens per call at which the loop
 alone would run at twice AR's speed. `speedup_rounds` is `speedup` per timing round.
 
-Timing: every case is compiled by a warm-up pass, then the passes are interleaved, `--repeats`
-rounds of (AR, every W x L, then each of them prefill-only), and each figure is the median over
-rounds. A busy or drifting machine then shifts AR and spec alike instead of whichever case ran
-during a slow minute (the seconds of every round are in the JSON).
+Timing: every case is compiled by a warm-up pass, then `--repeats` rounds, each running every
+batch of prompts through AR, every W x L and then each of them prefill-only before the next batch,
+and each figure is the median over rounds of a case's summed time. A busy or drifting machine
+then shifts AR and spec alike instead of whichever case ran during a slow minute (the seconds of
+every round are in the JSON).
 
 The drafter is the shipped one when present, else `--drafter DIR`, else a fresh untrained one;
 the JSON says which.
@@ -186,17 +187,26 @@ def _ar_runner(engine, max_new: int, limit: int | None = None):
 
 
 def _interleaved(runners, chunks, repeats: int):
-    """Warm every runner up, then `repeats` rounds of one pass each, in turn.
+    """Warm every runner up, then `repeats` rounds; in each round every chunk is run by every
+    runner in turn before the next chunk, and a runner's round time is the sum over chunks.
 
+    Interleaving chunk by chunk (rather than whole passes) keeps the cases seconds apart, so a
+    machine that drifts within a round slows them alike.
     -> per runner (list of seconds per round, outputs of the last round)."""
     for fn in runners:
         _timed(fn, chunks)
-    seconds, outs = [[] for _ in runners], [None] * len(runners)
+    seconds = [[] for _ in runners]
+    outs = [[None] * len(chunks) for _ in runners]
     for r in range(repeats):
         log(f"timing round {r + 1}/{repeats}")
-        for i, fn in enumerate(runners):
-            took, outs[i] = _timed(fn, chunks)
-            seconds[i].append(took)
+        took = [0.0] * len(runners)
+        for c, chunk in enumerate(chunks):
+            for i, fn in enumerate(runners):
+                t0 = time.perf_counter()
+                outs[i][c] = fn(chunk)
+                took[i] += time.perf_counter() - t0
+        for i, t in enumerate(took):
+            seconds[i].append(t)
     return seconds, outs
 
 
