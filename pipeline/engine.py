@@ -58,11 +58,11 @@ class EngineConfig:
     # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
     # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
     # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of one
-    # row: there (1, 4) led or tied in every run (1.79x AR at 128 new tokens in the latest, 4
-    # rounds). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts more, 2.530 tokens per
-    # call on the 64 held-out prompts against 2.266, but in six 128-token runs it tied (1, 4) once
-    # and ran 4-15% slower in the others (4-6% in each round of the latest), so on this CPU it is
-    # the option for acceptance, not the default (README). None: `beam` for every batch. Sampled
+    # row: there (1, 4) led or tied in every run (1.67x and 1.79x AR at 128 new tokens in the
+    # latest two, 4 rounds each). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts
+    # more, 2.530 tokens per call on the 64 held-out prompts against 2.266, but in seven 128-token
+    # runs it tied (1, 4) once and ran 4-15% slower in the others (4-6% in each round of the
+    # latest two), so on this CPU it is the option for acceptance, not the default (README). None: `beam` for every batch. Sampled
     # decoding keeps `beam` whatever the batch, so a prompt's draws do not depend on the batch it
     # is in (greedy output is the same for any tree). On a GPU, where wide trees are nearly free,
     # measure and pass a wider one (`--width`, `--length`).
