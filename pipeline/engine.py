@@ -62,10 +62,10 @@ class EngineConfig:
     # latest two, 4 rounds each). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts
     # more, 2.530 tokens per call on the 64 held-out prompts against 2.266, but in seven 128-token
     # runs it tied (1, 4) once and ran 4-15% slower in the others (4-6% in each round of the
-    # latest two), so on this CPU it is the option for acceptance, not the default (README). None: `beam` for every batch. Sampled
-    # decoding keeps `beam` whatever the batch, so a prompt's draws do not depend on the batch it
-    # is in (greedy output is the same for any tree). On a GPU, where wide trees are nearly free,
-    # measure and pass a wider one (`--width`, `--length`).
+    # latest two), so on this CPU it is the option for acceptance, not the default (README).
+    # None: `beam` for every batch. Sampled decoding keeps `beam` whatever the batch, so a prompt's
+    # draws do not depend on the batch it is in (greedy output is the same for any tree). On a
+    # GPU, where wide trees are nearly free, measure and pass a wider one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
     single_beam: BeamConfig | None = BeamConfig(width=1, length=4)
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
