@@ -247,7 +247,7 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,
         "speedup": (spec_tokens / spec_s) / (ar_tokens / ar_s),
-        # The same ratio per round (AR and spec passes of one round run back to back): its spread
+        # The same ratio per round (a round runs AR and spec on each batch in turn): its spread
         # shows how much of a difference between cases is the machine's drift.
         "speedup_rounds": [
             round((spec_tokens / s) / (ar_tokens / a), 3)
