@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=decode._at_least_one, default=None, metavar="N",
                         help="use only the first N prompts")  # fmt: skip
     parser.add_argument("--beams", nargs="+", type=decode.parse_beam, default=None, metavar="WxL",
-                        help="beam width x draft length, r: per root (default: 1x1 1x4 "
-                             "2x4)")  # fmt: skip
+                        help="beam width x draft length, r: per root, t: a best-first tree "
+                             "(default: 1x1 1x4 2x4)")  # fmt: skip
     parser.add_argument(
         "--lookup",
         nargs="+",
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             outs = [engine.generate_ids(c, list(range(len(c))))[0] for c in chunks]
             row = {"width": beam.width, "length": beam.length, "per_root": beam.per_root,
-                   "lookup": lookup,
+                   "tree": beam.tree, "lookup": lookup,
                    "lookup_in_place": in_place,
                    **pooled(outs), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             log(str(row))

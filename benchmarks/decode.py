@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_beam,
         default=None,
         metavar="WxL",
-        help="beam width x draft length, a trailing r for per-root beams (BeamConfig.per_root; "
-        "default: 1x1 1x2 1x4 2x4)",
+        help="beam width x draft length, a trailing r for per-root beams (BeamConfig.per_root), "
+        "t for a best-first tree (BeamConfig.tree) (default: 1x1 1x2 1x4 2x4)",
     )
     parser.add_argument("--lookup", nargs="+", type=parse_lookup, default=[(0, False)],
                         metavar="N[i]", help="prompt lookup, each with every beam shape: N adds a "
@@ -241,6 +241,7 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "width": beam.width,
         "length": beam.length,
         "per_root": beam.per_root,
+        "tree": beam.tree,
         "lookup": engine.config.lookup,
         "lookup_in_place": engine.config.lookup_in_place,
         "prompts": sum(len(c) for c in chunks),

@@ -73,9 +73,10 @@ def parse_beam(text: str) -> tuple[int, int]:
         beam = BeamConfig.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    if beam.per_root:  # its cost model and timings are joint beam search's
+    if beam.per_root or beam.tree:  # its cost model and timings are joint beam search's
+        kind = "per root" if beam.per_root else "a tree"
         raise argparse.ArgumentTypeError(
-            f"bench drafter times joint beam search: {text!r} is per root"
+            f"bench drafter times joint beam search: {text!r} is {kind}"
         )
     return beam.width, beam.length
 

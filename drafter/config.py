@@ -81,28 +81,64 @@ class BeamConfig:
     keeping the joint top-W over all beams. Joint beams tend to share their first tokens and
     differ only deep down, where a draft is rarely still accepted; distinct first tokens raise the
     chance that some candidate's first token is right (held-out, README). Same cost per step.
+
+    tree: a best-first tree of `length` drafted tokens instead of beams (`drafting.best_first`).
+    Token by token it adds the most probable (by path log-probability) of the top-`width`
+    children of the tokens chosen so far, so it branches where the drafter is unsure and runs
+    deep where it is sure. Verified as a tree of 1 + L nodes, the size of the (1, L) chain, with
+    the same L drafting steps of one row each; `1xLt` is the (1, L) chain itself. Its Drafts hold
+    one candidate per drafted token (the path to it), so W there is L.
     """
 
     width: int
     length: int
     per_root: bool = False
+    tree: bool = False
 
     def __post_init__(self):
         _positive("BeamConfig", "width", self.width)
         _positive("BeamConfig", "length", self.length)
-        if not isinstance(self.per_root, bool):
-            raise ValueError(f"BeamConfig.per_root must be a bool, got {self.per_root!r}")
+        for flag in ("per_root", "tree"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"BeamConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.per_root and self.tree:
+            raise ValueError(
+                "BeamConfig: per_root and tree exclude each other (a tree has no beams)"
+            )
+
+    @property
+    def candidates(self) -> int:
+        """Candidate rows of a Drafts (its W): the beams, or one path per drafted tree token."""
+        return self.length if self.tree else self.width
+
+    @property
+    def tree_nodes(self) -> int:
+        """Node slots of the verified tree: the root plus W*L beam tokens, or L tree tokens."""
+        return 1 + (self.length if self.tree else self.width * self.length)
+
+    @property
+    def draft_rows(self) -> int:
+        """Rows of one drafting step's head product (per prompt): W beams, or 1 for a tree."""
+        return 1 if self.tree else self.width
+
+    @property
+    def label(self) -> str:
+        """The text `parse` reads: "2x4", "2x4r" (per root), "4x4t" (tree)."""
+        return f"{self.width}x{self.length}" + ("r" if self.per_root else "t" if self.tree else "")
 
     @classmethod
     def parse(cls, text: str) -> BeamConfig:
-        """ "2x3" -> BeamConfig(width=2, length=3), "2x3r" -> the same per root; ValueError naming
-        the text otherwise."""
+        """ "2x3" -> BeamConfig(width=2, length=3), "2x3r" -> the same per root, "4x4t" -> a
+        best-first tree of 4 tokens from the top-4 children; ValueError naming the text
+        otherwise."""
         body = text.lower()
-        per_root = body.endswith("r")
+        per_root, tree = body.endswith("r"), body.endswith("t")
         try:
-            width, length = (int(p) for p in body.removesuffix("r").split("x"))
+            width, length = (int(p) for p in (body[:-1] if per_root or tree else body).split("x"))
         except ValueError:
-            raise ValueError(f"expected WxL such as 2x3 (2x3r: per root), got {text!r}") from None
+            raise ValueError(
+                f"expected WxL such as 2x3 (2x3r: per root, 4x3t: a best-first tree), got {text!r}"
+            ) from None
         if width < 1 or length < 1:
             raise ValueError(f"W and L must be >= 1, got {text!r}")
-        return cls(width, length, per_root)
+        return cls(width, length, per_root, tree)

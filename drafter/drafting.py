@@ -221,8 +221,14 @@ def beam_search(
 
     With `reference_logits` the beams equal the reference's when W <= 50 (its top-50 mask): for
     wider beams the reference can also pick masked tokens of its log-0 beams at the first step.
+
+    With `beam.tree` it returns `best_first`'s tree instead (L candidates, one per drafted token).
     """
     check_target(config, target)
+    if beam.tree:
+        if return_log_probs:
+            raise ValueError("a best-first tree (BeamConfig.tree) records no draft distributions")
+        return best_first(params, config, target, llm_state, llm_token, beam)
     width, vocab = beam.width, config.draft_vocab
     if width > vocab:
         raise ValueError(f"BeamConfig.width ({width}) must be <= the draft vocabulary ({vocab})")
@@ -245,6 +251,124 @@ def beam_search(
     ids, token_lp, dists = _backtrack(levels)
     tokens = jnp.concatenate([jnp.full((width, 1), llm_token), to_target_ids(target, ids)], 1)
     return Drafts(tokens, scores, token_lp, dists)
+
+
+# A Drafts position that holds no token: past the end of a best-first tree path (`best_first`).
+# Never a token id, nor the -1 that marks "past the answer" in replayed continuations.
+NO_TOKEN = -2
+
+
+class _Pool(NamedTuple):
+    """Best-first frontier, [P] each: children seen but not yet chosen (score -inf: none)."""
+
+    scores: jax.Array  # path log-probability of the child
+    ids: jax.Array  # its draft id
+    parents: jax.Array  # the tree node it would hang from
+
+
+class _Nodes(NamedTuple):
+    """Best-first tree, [L+1, ...] each; node 0 is the LLM's token."""
+
+    ids: jax.Array  # draft ids (node 0: unused)
+    parents: jax.Array  # parent node (node 0: -1)
+    depths: jax.Array
+    token_log_probs: jax.Array  # of the node's token given its parent
+    scores: jax.Array  # path log-probability
+    states: jax.Array  # [L+1, H] RNN state after the node's token
+
+
+def best_first(
+    params,
+    config: DrafterConfig,
+    target: TargetEmbeddings,
+    llm_state,
+    llm_token,
+    beam: BeamConfig,
+) -> Drafts:
+    """[D], [] -> Drafts [L, L+1]: a best-first tree of L = `beam.length` drafted tokens.
+
+    The root is the LLM's token; its RNN step gives the distribution of the first drafted token.
+    Then L times: among the top-`beam.width` children of every node so far (the frontier), take
+    the one with the highest path log-probability into the tree, and (unless it is the last) run
+    the RNN from its parent's state through it to see its own top-W children. Under greedy
+    verification a tree's expected accepted length is the sum of its nodes' probabilities of
+    being on the target's path, which the drafter's path probability estimates, and a child is
+    never more probable than its parent, so this picks the L most probable nodes the frontier
+    shows (EAGLE-2's dynamic tree, with the RNN's state per node). With width 1 it is the
+    greedy chain, beam search at (1, L).
+
+    Candidate w is the path from the root to the (w+1)-th chosen token: tokens [L, L+1] with
+    NO_TOKEN past the path's end (`pipeline.tree` gives those no node), token_log_probs 0 there.
+    Chosen scores never increase, so `scores` (each path's log-probability) is sorted
+    descending. Nodes are chosen in that order too, so a parent precedes its children.
+    """
+    length, vocab = beam.length, config.draft_vocab
+    width = min(beam.width, vocab)
+    step = _step_fn(params, config, target, llm_state)
+    llm_token = jnp.asarray(llm_token, jnp.int32)
+    state0, log_probs = step(jnp.zeros((config.hidden_size,), llm_state.dtype), llm_token)
+    size = width * length  # the root's children, then each expanded node's
+    top_lp, top_ids = jax.lax.top_k(log_probs, width)
+    pool = _Pool(
+        jnp.full((size,), -jnp.inf, log_probs.dtype).at[:width].set(top_lp),
+        jnp.zeros((size,), jnp.int32).at[:width].set(top_ids),
+        jnp.zeros((size,), jnp.int32),
+    )
+    zeros = jnp.zeros((length + 1,), jnp.int32)
+    nodes = _Nodes(
+        ids=zeros,
+        parents=zeros.at[0].set(-1),
+        depths=zeros,
+        token_log_probs=jnp.zeros((length + 1,), log_probs.dtype),
+        scores=jnp.zeros((length + 1,), log_probs.dtype),
+        states=jnp.zeros((length + 1,) + state0.shape, state0.dtype).at[0].set(state0),
+    )
+
+    def choose(pool: _Pool, nodes: _Nodes, i):
+        best = argmax(pool.scores)
+        parent, draft_id, score = pool.parents[best], pool.ids[best], pool.scores[best]
+        nodes = nodes._replace(
+            ids=nodes.ids.at[i].set(draft_id),
+            parents=nodes.parents.at[i].set(parent),
+            depths=nodes.depths.at[i].set(nodes.depths[parent] + 1),
+            token_log_probs=nodes.token_log_probs.at[i].set(score - nodes.scores[parent]),
+            scores=nodes.scores.at[i].set(score),
+        )
+        return pool._replace(scores=pool.scores.at[best].set(-jnp.inf)), nodes
+
+    def expand(carry, i):
+        pool, nodes = choose(*carry, i)
+        token = to_target_ids(target, nodes.ids[i])
+        state, child_lp = step(nodes.states[nodes.parents[i]], token)
+        top_lp, top_ids = jax.lax.top_k(child_lp, width)
+        at = (i * width,)
+        pool = _Pool(
+            jax.lax.dynamic_update_slice(pool.scores, nodes.scores[i] + top_lp, at),
+            jax.lax.dynamic_update_slice(pool.ids, top_ids.astype(jnp.int32), at),
+            jax.lax.dynamic_update_slice(pool.parents, jnp.full((width,), i, jnp.int32), at),
+        )
+        nodes = nodes._replace(states=nodes.states.at[i].set(state.astype(nodes.states.dtype)))
+        return (pool, nodes), None
+
+    (pool, nodes), _ = jax.lax.scan(expand, (pool, nodes), jnp.arange(1, length))
+    _, nodes = choose(pool, nodes, length)
+    return _tree_paths(target, nodes, llm_token)
+
+
+def _tree_paths(target: TargetEmbeddings, nodes: _Nodes, llm_token) -> Drafts:
+    """Best-first nodes -> Drafts [L, L+1]: row w is the path to node w+1, NO_TOKEN past it."""
+    length = nodes.ids.shape[0] - 1
+    tokens = jnp.full((length, length + 1), NO_TOKEN, jnp.int32).at[:, 0].set(llm_token)
+    token_lp = jnp.zeros((length, length + 1), nodes.token_log_probs.dtype)
+    rows = jnp.arange(length)
+    node = rows + 1
+    for _ in range(length):  # walk every path up to the root, writing it back to front
+        depth = nodes.depths[node]
+        at = jnp.where(node > 0, depth, length + 1)  # the root's column is written already
+        tokens = tokens.at[rows, at].set(to_target_ids(target, nodes.ids[node]), mode="drop")
+        token_lp = token_lp.at[rows, at].set(nodes.token_log_probs[node], mode="drop")
+        node = jnp.maximum(nodes.parents[node], 0)
+    return Drafts(tokens, nodes.scores[1:], token_lp[:, 1:])
 
 
 def draft_batch(

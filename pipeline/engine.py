@@ -9,8 +9,9 @@ drafter; `Engine.from_params(...)` wraps in-memory params (tiny random models in
 - `accepted_per_call`: mean tokens emitted per verify step, COUNTING THE BONUS TOKEN (accepted
   drafted tokens + 1), before cutting at EOS / max-new-tokens.
 - `acceptance_per_depth[d]`: fraction of verify steps that accepted drafted token d+1.
-- `width`, `length`: the draft tree the row was decoded with (`Engine.beam_for`: a greedy batch of
-  one prompt uses `EngineConfig.single_beam`, every other batch `EngineConfig.beam`).
+- `width`, `length`, `per_root`, `tree`: the draft tree the row was decoded with
+  (`Engine.beam_for`: a greedy batch of one prompt uses `EngineConfig.single_beam`, every other
+  batch `EngineConfig.beam`; `BeamConfig` says what each means).
 - `draft_ms`, `verify_ms`: one draft step and one tree-verify step of this batch, each timed
   alone (compiled, on the state after prefill, the median of 5 runs; once per batch shape);
   `tokens_per_s`: the batch's generated tokens over the wall time of the fused decode (whole
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drafter.config import BeamConfig, DrafterConfig
+from drafter.drafting import NO_TOKEN
 from drafter.model import init_params as init_drafter
 from drafter.model import with_draft_head
 from drafter.sampling import SamplingConfig
@@ -237,7 +239,7 @@ class Engine:
         """The drafter's params and target tables for a batch of `rows` prompts drafting `beam`:
         the head rows as [K, D] when the drafting step's head product has one row (one prompt,
         one beam), transposed otherwise (`drafter.with_draft_head`). Same drafts either way."""
-        return self.draft_params if rows * beam.width == 1 else self._draft_params_rows
+        return self.draft_params if rows * beam.draft_rows == 1 else self._draft_params_rows
 
     def draft_fns(self, beam: BeamConfig):
         """(the drafter's own beam search, the draft function decoding uses: with the lookup
@@ -340,7 +342,8 @@ class Engine:
         draft = lambda: _draft_jit(draft_fn, draft_params, state, keys)
         drafts = _timed(draft)[1]
         cache = unstack_cache(state.cache)  # the layers are held unstacked already
-        verify = lambda: _verify_jit(self.llm_params, self.llm_config, cache, drafts.tokens)
+        slots = spec.draft_slots(draft_fn)
+        verify = lambda: _verify_jit(self.llm_params, self.llm_config, cache, drafts.tokens, slots)
         return _timed(draft)[0], _timed(verify)[0]
 
     def _phase_times_once(self, prompts) -> tuple[float | None, float | None]:
@@ -372,6 +375,7 @@ class Engine:
                 width=beam.width,
                 length=beam.length,
                 per_root=beam.per_root,
+                tree=beam.tree,
                 draft_ms=draft_ms,
                 verify_ms=verify_ms,
                 tokens_per_s=tok_s,
@@ -408,7 +412,8 @@ class Engine:
                 )
             )
             for i, item in enumerate(chunk):
-                beams = [[int(t) for t in row] for row in drafts.tokens[i]]
+                # A best-first tree's candidates are its paths, NO_TOKEN past their ends.
+                beams = [[int(t) for t in row if t != NO_TOKEN] for row in drafts.tokens[i]]
                 results.append(
                     {
                         "id": item.id,
@@ -462,4 +467,4 @@ _start_jit = jax.jit(
     spec.start, static_argnames=("config", "sampling", "num_tokens", "length", "eos_ids")
 )
 _draft_jit = jax.jit(spec.draft_step, static_argnums=0)
-_verify_jit = jax.jit(spec.verify_step, static_argnums=1)
+_verify_jit = jax.jit(spec.verify_step, static_argnums=(1, 4))

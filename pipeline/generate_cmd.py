@@ -35,6 +35,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="each of the top-W first tokens grows its own beam (BeamConfig.per_root; "
                         f"default: {'on' if one.per_root else 'off'} for a greedy batch of one "
                         "prompt)")  # fmt: skip
+    g.add_argument("--tree", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft a best-first tree of L tokens from the top-W children of each "
+                        "(BeamConfig.tree; 1 + L nodes, as the (1, L) chain; default: "
+                        f"{'on' if one.tree else 'off'} for a greedy batch of one "
+                        "prompt)")  # fmt: skip
     g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
                    help="add a draft copied from the context after its longest repeated n-gram "
                         "of <= N tokens (0: drafter only; default 4)")  # fmt: skip
@@ -59,15 +64,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig that `add_engine_arguments` flags describe (errors name the field).
 
-    No --width/--length/--per-root: the defaults, `EngineConfig.beam` and `single_beam` for a
-    greedy batch of one prompt; any of them: that tree for every batch (the rest from `beam`)."""
+    No --width/--length/--per-root/--tree: the defaults, `EngineConfig.beam` and `single_beam`
+    for a greedy batch of one prompt; any of them: that tree for every batch (the rest from
+    `beam`)."""
     shape = {}
-    per_root = args.per_root
-    if args.width is not None or args.length is not None or per_root is not None:
-        width = DEFAULTS.beam.width if args.width is None else args.width
-        length = DEFAULTS.beam.length if args.length is None else args.length
-        per_root = DEFAULTS.beam.per_root if per_root is None else per_root
-        shape = {"beam": BeamConfig(width, length, per_root), "single_beam": None}
+    flags = (args.width, args.length, args.per_root, args.tree)
+    if any(flag is not None for flag in flags):
+        given = dict(zip(("width", "length", "per_root", "tree"), flags, strict=True))
+        fields = {k: getattr(DEFAULTS.beam, k) if v is None else v for k, v in given.items()}
+        shape = {"beam": BeamConfig(**fields), "single_beam": None}
     return EngineConfig(
         model=args.model,
         drafter=args.drafter,

@@ -67,6 +67,11 @@ class BeamDraft:
     config: DrafterConfig
     beam: BeamConfig
 
+    @property
+    def slots(self) -> int:
+        """Node slots of the tree its candidates pack into (`pipeline.tree.pack_tree`)."""
+        return self.beam.tree_nodes
+
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         params, target = draft_params
         return beam_search(params, self.config, target, inputs.llm_state, inputs.llm_token,
@@ -80,6 +85,10 @@ class SampledDraft:
     config: DrafterConfig
     beam: BeamConfig
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
+
+    @property
+    def slots(self) -> int:
+        return self.beam.tree_nodes
 
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         params, target = draft_params
@@ -124,6 +133,11 @@ class LookupDraft:
     def beam(self) -> BeamConfig:
         return self.base.beam
 
+    @property
+    def slots(self) -> int | None:
+        base = draft_slots(self.base)  # None: sized from the candidates, the added one too
+        return base if self.in_place or base is None else base + self.beam.length
+
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         drafts = self.base(draft_params, inputs)
         length = drafts.tokens.shape[1] - 1
@@ -139,6 +153,13 @@ class LookupDraft:
                 token_log_probs=jnp.concatenate([drafts.token_log_probs, zeros]),
             )
         use = ngram >= IN_PLACE_MIN_NGRAM
+        if self.beam.tree:  # the copy replaces the whole tree: its paths do not fit beside it
+            rows = drafts.tokens.shape[0]
+            return Drafts(
+                tokens=jnp.where(use, jnp.broadcast_to(row, drafts.tokens.shape), drafts.tokens),
+                scores=jnp.where(use, 0.0, drafts.scores),
+                token_log_probs=jnp.where(use, jnp.zeros((rows, length)), drafts.token_log_probs),
+            )
         return Drafts(
             tokens=drafts.tokens.at[-1].set(jnp.where(use, row, drafts.tokens[-1])),
             scores=drafts.scores.at[-1].set(jnp.where(use, 0.0, drafts.scores[-1])),
@@ -210,9 +231,17 @@ def draft_step(draft_fn: DraftFn, draft_params, state: SpecState, keys) -> Draft
     return jax.vmap(draft_fn, in_axes=(None, 0))(draft_params, inputs)
 
 
-def verify_step(llm_params, config: LlamaConfig, cache: KVCache, candidates):
-    """[B, W, L+1] -> (Tree [B, ...], ForwardOut over the B x (1 + W*L) tree nodes)."""
-    trees = tree_lib.pack_trees(candidates)
+def draft_slots(draft_fn: DraftFn) -> int | None:
+    """Node slots of the trees a draft function's candidates pack into (its `slots`; None: room
+    for any candidates, 1 + W*L)."""
+    return getattr(draft_fn, "slots", None)
+
+
+def verify_step(llm_params, config: LlamaConfig, cache: KVCache, candidates,
+                slots: int | None = None):  # fmt: skip
+    """[B, W, L+1] -> (Tree [B, ...], ForwardOut over the B x `slots` tree nodes; default
+    1 + W*L)."""
+    trees = tree_lib.pack_trees(candidates, slots)
     slots = cache.num_slots
     mask = jax.vmap(tree_lib.attention_mask, in_axes=(0, 0, None))(trees, cache.lengths, slots)
     positions = jax.vmap(tree_lib.positions)(trees, cache.lengths)
@@ -256,7 +285,8 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
     def step(state: SpecState) -> SpecState:
         draft_keys, accept_keys = _row_keys(state)
         drafts = draft_step(draft_fn, draft_params, state, draft_keys)
-        trees, out = verify_step(llm_params, config, state.cache, drafts.tokens)
+        trees, out = verify_step(llm_params, config, state.cache, drafts.tokens,
+                                 draft_slots(draft_fn))  # fmt: skip
         return _accept_commit(state, drafts, trees, out, rule, accept_keys, eos_ids)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)

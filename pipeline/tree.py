@@ -2,8 +2,9 @@
 
 The reference calls this dynamic tree attention: candidates from beam search share prefixes (all
 share column 0, the token the target produced last), so each distinct prefix is stored once as a
-node. The tree is padded to a fixed `num_nodes(W, L) = 1 + W*L` nodes so the verifier jits once;
-padding nodes attend only to themselves and are never read back.
+node. The tree is padded to a fixed `num_nodes(W, L) = 1 + W*L` nodes (or the fewer slots a
+best-first tree needs) so the verifier jits once; padding nodes attend only to themselves and are
+never read back.
 
 Nodes are numbered breadth-first (depth-major, then by the first candidate that reaches them), so
 a parent always precedes its children and node 0 is the root. Written for one prompt; `pack_trees`
@@ -16,6 +17,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from drafter.drafting import NO_TOKEN
 
 
 class Tree(NamedTuple):
@@ -42,17 +45,20 @@ def _first_sharing(candidates):
     return jnp.argmax(same_prefix, axis=1).astype(jnp.int32)  # candidate w itself always matches
 
 
-def _number_nodes(first):
-    """[W, L+1] first-sharer -> [W, L+1] breadth-first node index of each (candidate, depth)."""
+def _number_nodes(first, real):
+    """[W, L+1] first-sharer, [W, L+1] bool real token -> [W, L+1] breadth-first node index of
+    each (candidate, depth) (0 where there is no token), real node count."""
     width, depth1 = first.shape
-    owns = first == jnp.arange(width, dtype=jnp.int32)[:, None]  # (w, d) opens a new node
+    owns = (first == jnp.arange(width, dtype=jnp.int32)[:, None]) & real  # opens a new node
     index_dw = jnp.cumsum(owns.T.reshape(-1)).reshape(depth1, width) - 1  # depth-major order
-    return index_dw.T[first, jnp.arange(depth1)[None, :]].astype(jnp.int32), owns.sum()
+    node_of = index_dw.T[first, jnp.arange(depth1)[None, :]].astype(jnp.int32)
+    return jnp.where(real, node_of, 0), owns.sum()
 
 
-def _ancestor_mask(node_of, n: int):
+def _ancestor_mask(node_of, real, n: int):
     """[W, L+1] -> [n, n] bool ancestor-or-self mask; padding nodes see only themselves."""
     depth1 = node_of.shape[1]
+    node_of = jnp.where(real, node_of, n)  # positions without a token write nothing
     d = jnp.arange(depth1)
     rows = jnp.broadcast_to(node_of[:, :, None], node_of.shape + (depth1,))
     cols = jnp.broadcast_to(node_of[:, None, :], node_of.shape + (depth1,))
@@ -62,33 +68,40 @@ def _ancestor_mask(node_of, n: int):
     return mask | (jnp.eye(n, dtype=bool) & ~mask.any(axis=1, keepdims=True))
 
 
-def pack_tree(candidates) -> Tree:
-    """[W, L+1] int32 candidates (column 0 shared by all) -> Tree of `1 + W*L` node slots.
+def pack_tree(candidates, slots: int | None = None) -> Tree:
+    """[W, L+1] int32 candidates (column 0 shared by all) -> Tree of `slots` node slots (default
+    `1 + W*L`, room for any candidates).
 
-    Duplicate candidates map to the same nodes. Precondition: column 0 is the same token in every
-    row (the Drafts contract); otherwise the extra roots do not fit and are dropped.
+    Duplicate candidates map to the same nodes. A candidate may end early: NO_TOKEN past its end
+    gets no node (`node_of` 0 there; nothing past an accepted prefix is read), as the paths of a
+    best-first tree (`drafter.drafting.best_first`) do, whose L paths fit in `1 + L` slots.
+    Preconditions: column 0 is the same token in every row (the Drafts contract), and the
+    candidates hold at most `slots` distinct prefixes; otherwise the extra nodes are dropped.
     """
     width, depth1 = candidates.shape
-    n = num_nodes(width, depth1 - 1)
-    node_of, count = _number_nodes(_first_sharing(candidates))
+    n = num_nodes(width, depth1 - 1) if slots is None else slots
+    real = candidates != NO_TOKEN
+    node_of, count = _number_nodes(_first_sharing(candidates), real)
     depth = jnp.broadcast_to(jnp.arange(depth1, dtype=jnp.int32), node_of.shape)
     parent = jnp.concatenate([jnp.full((width, 1), -1, jnp.int32), node_of[:, :-1]], axis=1)
+    write_at = jnp.where(real, node_of, n)
     put = lambda fill, values: (
-        jnp.full((n,), fill, values.dtype).at[node_of].set(values, mode="drop")
+        jnp.full((n,), fill, values.dtype).at[write_at].set(values, mode="drop")
     )
     return Tree(
         tokens=put(0, candidates.astype(jnp.int32)),
         parents=put(-1, parent),
         depths=put(0, depth),
         valid=put(False, jnp.ones(node_of.shape, bool)),
-        mask=_ancestor_mask(node_of, n),
+        mask=_ancestor_mask(node_of, real, n),
         node_of=node_of,
         num_nodes=count.astype(jnp.int32),
     )
 
 
-pack_trees = jax.vmap(pack_tree)
-pack_trees.__doc__ = "[B, W, L+1] -> Tree with a leading B on every field (vmapped pack_tree)."
+def pack_trees(candidates, slots: int | None = None) -> Tree:
+    """[B, W, L+1] -> Tree with a leading B on every field (vmapped pack_tree)."""
+    return jax.vmap(lambda c: pack_tree(c, slots))(candidates)
 
 
 def attention_mask(tree: Tree, cache_length, cache_slots: int):

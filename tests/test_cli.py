@@ -266,6 +266,10 @@ def test_engine_flags_carry_the_tree():
     per_root = ["--width", "2", "--length", "4", "--per-root"]
     assert shape(per_root) == (BeamConfig(2, 4, per_root=True), None)
     assert shape(["--no-per-root"]) == (BeamConfig(1, 1), None)
+    tree = ["--width", "4", "--length", "5", "--tree"]
+    assert shape(tree) == (BeamConfig(4, 5, tree=True), None)
+    with pytest.raises(ValueError, match="per_root and tree"):
+        engine_config_from_args(parser.parse_args([*tree, "--per-root"]))
     with pytest.raises(ValueError, match="BeamConfig.width"):
         engine_config_from_args(parser.parse_args(["--width", "0"]))
 
@@ -285,7 +289,8 @@ def test_bench_beam_values():
 
     assert parse_beam("2x4r") == BeamConfig(2, 4, per_root=True)
     assert parse_beam("1x4") == BeamConfig(1, 4)
-    for bad in ("2x4rr", "0x4", "x"):
+    assert parse_beam("4x5t") == BeamConfig(4, 5, tree=True)
+    for bad in ("2x4rr", "0x4", "x", "2x4rt", "4x5tt"):
         with pytest.raises(argparse.ArgumentTypeError, match="WxL|>= 1"):
             parse_beam(bad)
 

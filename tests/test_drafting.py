@@ -160,6 +160,12 @@ def test_beam_config_parses_per_root():
             BeamConfig.parse(bad)
     with pytest.raises(ValueError, match="per_root"):
         BeamConfig(2, 4, per_root=1)
+    tree = BeamConfig.parse("4x5T")
+    assert tree == BeamConfig(4, 5, tree=True) and tree.label == "4x5t"
+    assert (tree.candidates, tree.tree_nodes, tree.draft_rows) == (5, 6, 1)
+    assert (BeamConfig(2, 4).candidates, BeamConfig(2, 4).tree_nodes) == (2, 9)
+    with pytest.raises(ValueError, match="exclude"):
+        BeamConfig(2, 4, per_root=True, tree=True)
 
 
 def test_length_one_is_top_w_of_first_distribution():
@@ -327,3 +333,63 @@ def test_reference_golden_beams(case):
     np.testing.assert_allclose(got.log_probs, golden["log_probs"], rtol=1e-6, atol=1e-4)
     chosen = np.take_along_axis(golden["log_probs"], golden["beams"][..., 1:, None], -1)[..., 0]
     np.testing.assert_allclose(got.scores, chosen.sum(-1), rtol=1e-5, atol=1e-4)
+
+
+def np_best_first(config, params, target, llm_state, llm_token, width, length):
+    """`BeamConfig.tree` for one prompt, by hand in float64: every candidate's distribution is
+    recomputed along its whole path from the root (no cached states), and the frontier is a list
+    searched for its best path score. -> the chosen paths (target ids) in order, and scores."""
+    tp, to_target = torch_layout(params, config), draft_to_target(config, target)
+
+    def children(path):  # path: draft ids after the LLM's token
+        state, token = np.zeros(config.hidden_size), int(llm_token)
+        for draft_id in (None, *path):
+            token = token if draft_id is None else int(to_target[draft_id])
+            state, log_probs = np_step(tp, config, target, llm_state, state, token)
+        top = np.argsort(-log_probs, kind="stable")[:width]
+        return [(tuple(path) + (int(i),), float(log_probs[i])) for i in top]
+
+    frontier = [(path, lp) for path, lp in children(())]
+    chosen = []
+    while len(chosen) < length:
+        best = max(range(len(frontier)), key=lambda i: (frontier[i][1], -i))
+        path, score = frontier.pop(best)
+        chosen.append((path, score))
+        if len(chosen) < length:
+            frontier += [(p, score + lp) for p, lp in children(path)]
+    paths = [[int(llm_token)] + [int(to_target[i]) for i in p] for p, _ in chosen]
+    return paths, np.array([s for _, s in chosen])
+
+
+@pytest.mark.parametrize("name", ["proj", "tied", "reduced_tied"])
+def test_best_first_tree_takes_the_likeliest_frontier_token_each_time(name):
+    from drafter.drafting import NO_TOKEN
+
+    config, params, target, llm_states, llm_tokens = setup(name)
+    beam = BeamConfig(3, 5, tree=True)
+    got = jit_beams(params, config, target, llm_states, llm_tokens, beam, False)
+    assert got.tokens.shape == (B, 5, 6) and got.token_log_probs.shape == (B, 5, 5)
+    for b in range(B):
+        paths, scores = np_best_first(config, params, target, llm_states[b], llm_tokens[b], 3, 5)
+        for w, path in enumerate(paths):
+            row = np.asarray(got.tokens[b, w])
+            np.testing.assert_array_equal(row[: len(path)], path)
+            assert np.all(row[len(path) :] == NO_TOKEN)
+            lp = np.asarray(got.token_log_probs[b, w])
+            assert np.all(lp[len(path) - 1 :] == 0)
+            np.testing.assert_allclose(lp.sum(), scores[w], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.scores[b], scores, rtol=1e-4, atol=1e-4)
+        assert np.all(np.diff(np.asarray(got.scores[b])) <= 1e-6)  # sorted, parents first
+        depths = {len(p) - 1 for p in paths}
+        assert len(depths) > 1  # a real tree here: paths of several depths
+
+
+def test_best_first_tree_of_width_one_is_the_greedy_chain():
+    config, params, target, llm_states, llm_tokens = setup("tied")
+    chain = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(1, 4), False)
+    tree = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(1, 4, tree=True),
+                     False)  # fmt: skip
+    np.testing.assert_array_equal(tree.tokens[:, -1], chain.tokens[:, 0])
+    np.testing.assert_allclose(tree.scores[:, -1], chain.scores[:, 0], rtol=1e-5)
+    with pytest.raises(ValueError, match="no draft distributions"):
+        jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(2, 3, tree=True), True)

@@ -9,7 +9,7 @@ import pytest
 from chi_square import goodness_of_fit
 
 from drafter.config import BeamConfig, DrafterConfig
-from drafter.drafting import Drafts
+from drafter.drafting import NO_TOKEN, Drafts
 from drafter.model import init_params as init_drafter
 from drafter.sampling import SamplingConfig, warp_log_probs
 from pipeline import accept
@@ -116,6 +116,46 @@ def test_greedy_equals_autoregressive_with_an_oracle_drafter(llm, prompts):
     assert np.all(np.asarray(got.calls) < np.asarray(want.lengths))
     ended = [int(want.tokens[b, n - 1]) in CONFIG.eos_token_ids for b, n in enumerate(want.lengths)]
     assert any(ended) and not all(ended)  # some rows stopped at EOS, the others at max_new
+
+
+@dataclass(frozen=True)
+class OracleTreeDraft(OracleDraft):
+    """OracleDraft's (spoilt) chain as a best-first tree's L paths: depth 1, a wrong sibling at
+    depth 2, then the chain's prefixes of depth 2..L-1, NO_TOKEN past each path's end; L nodes
+    in all, so it fits the 1 + L slots of `BeamConfig.tree`."""
+
+    @property
+    def slots(self) -> int:
+        return 1 + self.beam.length
+
+    def __call__(self, llm, inputs: spec.DraftInputs) -> Drafts:
+        length, v = self.beam.length, self.config.vocab_size
+        chain = self.chain(llm, inputs.context, inputs.num_context)
+        spoil_at = inputs.num_context % length  # == length - 1: the whole path of depth L-1 holds
+        d = jnp.arange(length)
+        chain = jnp.where(d == spoil_at, (chain + 1) % v, chain)
+        full = jnp.concatenate([inputs.llm_token[None], chain])
+        keep = [2, 3] + list(range(3, length + 1))  # columns kept per row: depths 1, 2, 2, 3, ...
+        rows = [jnp.where(jnp.arange(length + 1) < k, full, NO_TOKEN) for k in keep]
+        rows[1] = rows[1].at[2].set((full[2] + 1) % v)  # the sibling of the chain's depth 2
+        return Drafts(jnp.stack(rows), jnp.zeros((length,)), jnp.zeros((length, length)))
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_greedy_equals_autoregressive_with_a_best_first_tree(llm, prompts, lookup):
+    tree = BeamConfig(3, 4, tree=True)
+    draft = spec.BeamDraft(DRAFTER, tree)
+    if lookup:
+        draft = spec.LookupDraft(draft, in_place=True)
+    assert spec.draft_slots(draft) == 5
+    draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
+    got = run_spec(llm, draft_params, draft, *prompts, max_new=12)
+    assert_same_tokens(got, autoregressive(llm, *prompts, 12))
+    oracle = OracleTreeDraft(CONFIG, tree)
+    got = run_spec(llm, llm, oracle, *prompts, max_new=14)
+    assert_same_tokens(got, autoregressive(llm, *prompts, 14))
+    hist = np.asarray(got.accepted).sum(0)
+    assert hist[0] > 0 and hist[3] > 0 and hist[4] == 0, hist  # the deepest path has depth 3
 
 
 def test_max_new_tokens_per_row(llm, prompts):

@@ -5,19 +5,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from drafter.drafting import NO_TOKEN
 from pipeline import tree as tree_lib
 
 PACK = jax.jit(tree_lib.pack_tree)
 
 
 def python_trie(candidates):
-    """An independent breadth-first trie: {prefix tuple: node index} over [W, L+1] candidates."""
+    """An independent breadth-first trie: {prefix tuple: node index} over [W, L+1] candidates
+    (a prefix ending in NO_TOKEN is no node)."""
     width, depth1 = candidates.shape
     nodes = {}
     for d in range(depth1):
         for w in range(width):
             prefix = tuple(int(t) for t in candidates[w, : d + 1])
-            nodes.setdefault(prefix, len(nodes))
+            if prefix[-1] != NO_TOKEN:
+                nodes.setdefault(prefix, len(nodes))
     return nodes
 
 
@@ -27,9 +30,9 @@ def random_candidates(rng, width, length, vocab):
     return c
 
 
-def check_against_trie(candidates, t):
+def check_against_trie(candidates, t, n=None):
     width, depth1 = candidates.shape
-    n = tree_lib.num_nodes(width, depth1 - 1)
+    n = tree_lib.num_nodes(width, depth1 - 1) if n is None else n
     trie = python_trie(candidates)
     t = tree_lib.Tree(*(np.asarray(x) for x in t))
     assert int(t.num_nodes) == len(trie)
@@ -43,7 +46,8 @@ def check_against_trie(candidates, t):
         assert bool(t.valid[i])
     for w in range(width):
         for d in range(depth1):
-            assert int(t.node_of[w, d]) == trie[tuple(int(x) for x in candidates[w, : d + 1])]
+            prefix = tuple(int(x) for x in candidates[w, : d + 1])
+            assert int(t.node_of[w, d]) == trie.get(prefix, 0)  # 0 past a path's end
     for i in range(len(trie), n):  # padding: invisible to others, sees itself only
         assert not bool(t.valid[i]) and int(t.parents[i]) == -1
         assert np.flatnonzero(np.asarray(t.mask[i])).tolist() == [i]
@@ -105,3 +109,17 @@ def test_attention_mask_and_positions():
     np.testing.assert_array_equal(
         np.asarray(tree_lib.positions(t, 3))[: int(t.num_nodes)], [3, 4, 5, 5]
     )
+
+
+@pytest.mark.parametrize("width,length,vocab", [(4, 4, 3), (6, 5, 2), (5, 5, 50)])
+def test_paths_ending_early_pack_into_as_many_slots_as_nodes(width, length, vocab):
+    """Candidates cut short by NO_TOKEN (a best-first tree's paths) get no nodes past their ends,
+    and fit a tree of exactly their distinct prefixes plus spare slots."""
+    rng = np.random.default_rng(width * 100 + length * 10 + vocab)
+    for spare in (0, 2):
+        c = random_candidates(rng, width, length, vocab)
+        ends = rng.integers(1, length + 2, size=width)  # row w keeps columns < ends[w]
+        c = np.where(np.arange(length + 1)[None] < ends[:, None], c, NO_TOKEN)
+        slots = len(python_trie(c)) + spare
+        t = jax.jit(tree_lib.pack_tree, static_argnums=1)(jnp.asarray(c, jnp.int32), slots)
+        check_against_trie(c, t, slots)
