@@ -96,5 +96,10 @@ def acceptance(params, config: DrafterConfig, target: TargetEmbeddings, data: Di
         "calls": int(calls.sum()),
         "tokens": int(tokens.sum()),
         "sequences": int(len(lengths)),
-        "beam": {"width": beam.width, "length": beam.length},
+        # per_root / tree only when set, so records of plain beams keep their old form
+        "beam": {
+            "width": beam.width,
+            "length": beam.length,
+            **{k: True for k in ("per_root", "tree") if getattr(beam, k)},
+        },
     }

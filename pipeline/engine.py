@@ -60,16 +60,18 @@ class EngineConfig:
     # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
     # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
     # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of one
-    # row: there (1, 4) led or tied in every run (1.67x and 1.79x AR at 128 new tokens in the
-    # latest two, 4 rounds each). (2, 4) per root (`BeamConfig.per_root`, `--per-root`) accepts
-    # more, 2.530 tokens per call on the 64 held-out prompts against 2.266, but in seven 128-token
-    # runs it tied (1, 4) once and ran 4-15% slower in the others (4-6% in each round of the
-    # latest two), so on this CPU it is the option for acceptance, not the default (README).
+    # row: a best-first tree of 8 drafted tokens from the top-4 children of each
+    # (`BeamConfig.tree`, 9 nodes). On the 8 held-out bench prompts, 128 new tokens, 4 rounds each,
+    # it ran at 2.00x, 1.95x and 1.93x AR in three runs, and 1.93x where the (1, 4) chain, the
+    # previous default, ran at 1.68x in the same run; the 5-node tree 4x4t reached 1.82x and
+    # 4x5t 1.86-1.95x, deeper trees were slower (4x10t 1.79x, 4x12t 1.75x, 4x16t 1.52x). On all
+    # 64 held-out prompts it emits 2.854 tokens per call, against 2.266 for (1, 4) and 2.530 for
+    # (2, 4) per root (`BeamConfig.per_root`, `--per-root`, 9 nodes too).
     # None: `beam` for every batch. Sampled decoding keeps `beam` whatever the batch, so a prompt's
     # draws do not depend on the batch it is in (greedy output is the same for any tree). On a
     # GPU, where wide trees are nearly free, measure and pass a wider one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
-    single_beam: BeamConfig | None = BeamConfig(width=1, length=4)
+    single_beam: BeamConfig | None = BeamConfig(width=4, length=8, tree=True)
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
     # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
     # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least

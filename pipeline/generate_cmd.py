@@ -66,12 +66,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
     No --width/--length/--per-root/--tree: the defaults, `EngineConfig.beam` and `single_beam`
     for a greedy batch of one prompt; any of them: that tree for every batch (the rest from
-    `beam`)."""
+    `beam`, or with --tree from the default tree, `single_beam`, when that is one)."""
     shape = {}
     flags = (args.width, args.length, args.per_root, args.tree)
     if any(flag is not None for flag in flags):
         given = dict(zip(("width", "length", "per_root", "tree"), flags, strict=True))
-        fields = {k: getattr(DEFAULTS.beam, k) if v is None else v for k, v in given.items()}
+        one = DEFAULTS.single_beam
+        base = one if args.tree and one is not None and one.tree else DEFAULTS.beam
+        fields = {k: getattr(base, k) if v is None else v for k, v in given.items()}
         shape = {"beam": BeamConfig(**fields), "single_beam": None}
     return EngineConfig(
         model=args.model,

@@ -240,6 +240,7 @@ def run(args) -> int:
           f"{np.round(ev['per_depth_acceptance'], 3).tolist()}")  # fmt: skip
     for ev in info.get("eval_grid", []):
         w, n = ev["beam"]["width"], ev["beam"]["length"]
-        print(f"  W={w}, L={n}: {ev['mean_tokens_per_call']:.3f} tokens per LLM call")
+        kind = "".join(f", {k}" for k in ("per_root", "tree") if ev["beam"].get(k))
+        print(f"  W={w}, L={n}{kind}: {ev['mean_tokens_per_call']:.3f} tokens per LLM call")
     print(f"drafter written to {export} ({time.time() - t0:.0f} s total)")
     return 0

@@ -260,14 +260,17 @@ def test_engine_flags_carry_the_tree():
     shape = lambda argv: (lambda c: (c.beam, c.single_beam))(
         engine_config_from_args(parser.parse_args(argv))
     )
-    assert shape([]) == (BeamConfig(1, 1), BeamConfig(1, 4))  # (1, 4) for one greedy prompt
+    # a best-first tree for one greedy prompt
+    assert shape([]) == (BeamConfig(1, 1), BeamConfig(4, 8, tree=True))
     assert shape(["--width", "2", "--length", "3"]) == (BeamConfig(2, 3), None)
     assert shape(["--length", "2"]) == (BeamConfig(1, 2), None)
     per_root = ["--width", "2", "--length", "4", "--per-root"]
     assert shape(per_root) == (BeamConfig(2, 4, per_root=True), None)
     assert shape(["--no-per-root"]) == (BeamConfig(1, 1), None)
-    tree = ["--width", "4", "--length", "5", "--tree"]
-    assert shape(tree) == (BeamConfig(4, 5, tree=True), None)
+    tree = ["--width", "3", "--length", "5", "--tree"]
+    assert shape(tree) == (BeamConfig(3, 5, tree=True), None)
+    assert shape(["--tree"]) == (BeamConfig(4, 8, tree=True), None)  # the default tree's shape
+    assert shape(["--tree", "--length", "6"]) == (BeamConfig(4, 6, tree=True), None)
     with pytest.raises(ValueError, match="per_root and tree"):
         engine_config_from_args(parser.parse_args([*tree, "--per-root"]))
     with pytest.raises(ValueError, match="BeamConfig.width"):

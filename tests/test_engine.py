@@ -177,13 +177,33 @@ def test_the_transposed_head_copy_changes_no_token():
     assert with_copy.draft_params_for(3, BeamConfig(1, 1)) is with_copy._draft_params_rows
 
 
+def test_a_best_first_tree_for_one_prompt_is_exact():
+    """`single_beam` = a best-first tree decodes a prompt alone to AR's tokens, drafts with the
+    one-row head layout, and its drafts come back as paths without NO_TOKEN."""
+    llm = init_llm(CONFIG, jax.random.key(0))
+    assert EngineConfig().single_beam == BeamConfig(4, 8, tree=True)  # the CPU default (README)
+    tree = BeamConfig(3, 4, tree=True)
+    config = EngineConfig(single_beam=tree, max_new_tokens=10, batch_size=1, time_phases=False)
+    eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+    assert eng.draft_params_for(1, tree) is eng.draft_params
+    for item, r in zip(ITEMS, eng.generate(ITEMS), strict=True):
+        toks, lengths = eng._batch([eng.encode(item)])
+        want = generate(eng.llm_params, CONFIG, toks, lengths, GREEDY, jax.random.key(0), 10)
+        assert r["token_ids"] == [int(t) for t in want.tokens[0, : want.lengths[0]]]
+        m = r["metrics"]
+        assert (m["width"], m["length"], m["tree"]) == (3, 4, True)
+        assert len(m["acceptance_per_depth"]) == 4
+    paths = eng.draft(ITEMS[:1])[0]["beams"]
+    assert len(paths) == 4 and all(2 <= len(p) <= 5 for p in paths)  # LLM token + 1..4 drafted
+    assert all(t >= 0 for p in paths for t in p)
+
+
 def test_a_per_root_tree_for_one_prompt_is_exact():
     """`single_beam` = (2, 4) per root decodes a prompt alone to AR's tokens, and the metrics
     name the tree."""
     llm = init_llm(CONFIG, jax.random.key(0))
     config = EngineConfig(single_beam=BeamConfig(2, 4, per_root=True), max_new_tokens=10,
                           batch_size=1, time_phases=False)  # fmt: skip
-    assert EngineConfig().single_beam == BeamConfig(1, 4)  # the CPU default (README)
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
     results = eng.generate(ITEMS)
     for item, r in zip(ITEMS, results, strict=True):

@@ -41,6 +41,26 @@ def test_smollm2_speculative_greedy_equals_autoregressive(dtype, lookup, in_plac
         assert r["text"].strip() and r["metrics"]["steps"] >= 1
 
 
+def test_smollm2_default_tree_for_one_prompt_is_exact_and_accepts():
+    """The defaults a user gets for one greedy prompt (the shipped drafter, `single_beam`'s
+    best-first tree, the lookup in place) decode SmolLM2 to its AR tokens, several per call."""
+    config = EngineConfig(max_new_tokens=48, devices=1, time_phases=False)
+    assert config.single_beam.tree
+    engine = Engine.from_config(config)
+    assert engine.drafter_source.endswith("drafter-smollm2")
+    item = PromptItem(id="held-out", prompt="Explain how a refrigerator keeps food cold.")
+    [r] = engine.generate([item])
+    toks, lengths = engine._batch([engine.encode(item)])
+    want = generate(
+        engine.llm_params, engine.llm_config, toks, lengths, SamplingConfig(), jax.random.key(0), 48
+    )
+    assert r["token_ids"] == [int(t) for t in want.tokens[0, : want.lengths[0]]]
+    m = r["metrics"]
+    tree = config.single_beam
+    assert (m["width"], m["length"], m["tree"]) == (tree.width, tree.length, True)
+    assert m["accepted_per_call"] > 1.5, m  # an untrained drafter stays near 1
+
+
 def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):
     """`specdraft bench decode` on SmolLM2 + the shipped drafter, tiny: every case is timed in
     each round, and the figures are the medians of those rounds."""

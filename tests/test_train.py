@@ -257,12 +257,14 @@ def _fit(tiny_data, out, spec=SPEC, config=TINY, eval_beams=()):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
-    beams = (BeamConfig(1, 2), BeamConfig(SPEC.width, SPEC.length))
+    beams = (BeamConfig(1, 2), BeamConfig(SPEC.width, SPEC.length), BeamConfig(3, 3, tree=True))
     whole = _fit(tiny_data, tmp_path / "whole", eval_beams=beams)
     # The grid is evaluated like the main figure: the same beam gives the same figures.
     grid = whole.info["eval_grid"]
-    assert [g["beam"] for g in grid] == [{"width": 1, "length": 2}, whole.info["eval"]["beam"]]
+    assert [g["beam"] for g in grid] == [{"width": 1, "length": 2}, whole.info["eval"]["beam"],
+                                         {"width": 3, "length": 3, "tree": True}]  # fmt: skip
     assert grid[1] == whole.info["eval"]
+    assert grid[2]["mean_tokens_per_call"] >= 1 and len(grid[2]["per_depth_acceptance"]) == 3
     assert len(grid[0]["per_depth_acceptance"]) == 2
     real = distill.batch_indices
     seen = []
