@@ -34,7 +34,7 @@ run decode "${held[@]}" --batches 1 --beams 1x1 1x4 2x4 2x6 --lookup 4i --max-ne
   --out "$out/decode-heldout-batch1-128.json"
 run decode "${held[@]}" --batches 1 --beams 1x2 1x3 1x4 2x3 --lookup 4i --max-new-tokens 128 \
   --out "$out/decode-heldout-batch1-128-mid.json"
-# Per-root beams (BeamConfig.per_root, an option; (1, 4) is the default for a prompt alone), and
+# Per-root beams (BeamConfig.per_root, an option; (1, 4) was then the default for a prompt alone), and
 # the two candidates for that default head to head over 4 rounds.
 run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 3 --batches 1 \
   --beams 1x4 2x4r 3x4r --lookup 4i --max-new-tokens 128 \
@@ -42,8 +42,21 @@ run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repea
 run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 4 --batches 1 \
   --beams 1x4 2x4r --lookup 4i --max-new-tokens 128 \
   --out "$out/decode-heldout-batch1-head-to-head.json"
+# Best-first trees (BeamConfig.tree; 4x8t is the default for a greedy prompt alone): batch 1 in
+# four runs, then batch 8 against the (1, 1) default there.
+tree=(--prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 4 --batches 1
+      --lookup 4i --max-new-tokens 128)
+run decode "${tree[@]}" --beams 1x4 4x4t 4x5t --out "$out/decode-heldout-batch1-tree.json"
+run decode "${tree[@]}" --beams 4x5t 4x6t 4x8t --out "$out/decode-heldout-batch1-tree-deep.json"
+run decode "${tree[@]}" --beams 4x8t 4x10t 4x12t 4x16t \
+  --out "$out/decode-heldout-batch1-tree-deeper.json"
+run decode "${tree[@]}" --beams 1x4 4x5t 4x8t --out "$out/decode-heldout-batch1-tree-head-to-head.json"
+run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 3 --batches 8 \
+  --beams 1x1 4x2t 4x3t --lookup 4i --max-new-tokens 128 --out "$out/decode-heldout-tree-batch8.json"
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
 run accept --beams 1x4 --lookup 4i 6i 8i 2i --out "$out/accept-heldout-ngram.json"
+run accept --beams 1x4 4x4t 4x5t 4x6t --lookup 4i --out "$out/accept-heldout-tree.json"
+run accept --beams 4x8t 4x12t 8x8t --lookup 4i --out "$out/accept-heldout-tree-deep.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi

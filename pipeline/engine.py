@@ -62,8 +62,8 @@ class EngineConfig:
     # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of one
     # row: a best-first tree of 8 drafted tokens from the top-4 children of each
     # (`BeamConfig.tree`, 9 nodes). On the 8 held-out bench prompts, 128 new tokens, 4 rounds each,
-    # it ran at 2.00x, 1.95x and 1.93x AR in three runs, and 1.93x where the (1, 4) chain, the
-    # previous default, ran at 1.68x in the same run; the 5-node tree 4x4t reached 1.82x and
+    # it ran at 2.00x, 1.95x and 1.92x AR in three runs, and the (1, 4) chain, the previous
+    # default, at 1.71x and 1.68x in two of them; the 5-node tree 4x4t reached 1.82x and
     # 4x5t 1.86-1.95x, deeper trees were slower (4x10t 1.79x, 4x12t 1.75x, 4x16t 1.52x). On all
     # 64 held-out prompts it emits 2.854 tokens per call, against 2.266 for (1, 4) and 2.530 for
     # (2, 4) per root (`BeamConfig.per_root`, `--per-root`, 9 nodes too).
