@@ -31,7 +31,7 @@ from pipeline.train_run import RunSpec, fit
 DEFAULT_OUT = "runs/drafter-smollm2"
 
 
-EVAL_BEAMS = ("1x1", "1x2", "1x3", "2x3", "2x4", "4x4", "8x4")
+EVAL_BEAMS = ("1x1", "1x2", "1x3", "2x3", "2x4", "4x4", "8x4", "4x8t")
 
 
 def _beam(text: str):
