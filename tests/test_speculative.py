@@ -205,11 +205,11 @@ def exact_three_token_law(small_llm):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sampled_counts(small_llm, rule, draft=None, key=11):
+def sampled_counts(small_llm, rule, draft=None, key=11, draft_params=None):
     """Counts of the NUM_SAMPLES 3-token outcomes (FixedDraft drafts unless `draft` is given)."""
     prompts = np.tile(PROMPT, (NUM_SAMPLES, 1))
-    got = run_spec(small_llm, None, draft or FixedDraft(), prompts, np.full(NUM_SAMPLES, 3), 3,
-                   HOT, rule, SMALL, key=key)  # fmt: skip
+    got = run_spec(small_llm, draft_params, draft or FixedDraft(), prompts,
+                   np.full(NUM_SAMPLES, 3), 3, HOT, rule, SMALL, key=key)  # fmt: skip
     toks = np.asarray(got.tokens)
     assert np.all(np.asarray(got.lengths) == 3)
     counts = np.zeros((8, 8, 8))
@@ -226,6 +226,18 @@ def small_llm():
 def test_speculative_sampling_matches_the_target_law(small_llm):
     counts, hist = sampled_counts(small_llm, accept.sampling_rule(HOT))
     assert hist[1:].sum() > 0.1 * hist.sum(), hist  # drafts do get accepted
+    assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
+
+
+def test_speculative_sampling_with_a_best_first_tree_matches_the_target_law(small_llm):
+    """Trees of paths that end early (NO_TOKEN) and branch where the drafter is unsure."""
+    config = DrafterConfig(hidden_size=16, vocab_size=8, exit_dim=16)
+    draft = spec.BeamDraft(config, BeamConfig(3, 2, tree=True))
+    params = jax.tree.map(lambda x: 3.0 * x, init_drafter(config, jax.random.key(4)))
+    draft_params = (params, spec.target_embeddings(small_llm))
+    counts, hist = sampled_counts(small_llm, accept.sampling_rule(HOT), draft, key=17,
+                                  draft_params=draft_params)  # fmt: skip
+    assert hist[1:].sum() > 0.1 * hist.sum(), hist
     assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
 
 
