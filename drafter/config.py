@@ -107,11 +107,6 @@ class BeamConfig:
             )
 
     @property
-    def candidates(self) -> int:
-        """Candidate rows of a Drafts (its W): the beams, or one path per drafted tree token."""
-        return self.length if self.tree else self.width
-
-    @property
     def tree_nodes(self) -> int:
         """Node slots of the verified tree: the root plus W*L beam tokens, or L tree tokens."""
         return 1 + (self.length if self.tree else self.width * self.length)
@@ -120,11 +115,6 @@ class BeamConfig:
     def draft_rows(self) -> int:
         """Rows of one drafting step's head product (per prompt): W beams, or 1 for a tree."""
         return 1 if self.tree else self.width
-
-    @property
-    def label(self) -> str:
-        """The text `parse` reads: "2x4", "2x4r" (per root), "4x4t" (tree)."""
-        return f"{self.width}x{self.length}" + ("r" if self.per_root else "t" if self.tree else "")
 
     @classmethod
     def parse(cls, text: str) -> BeamConfig:

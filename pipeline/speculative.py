@@ -80,15 +80,12 @@ class BeamDraft:
 
 @dataclass(frozen=True)
 class SampledDraft:
-    """W independent ReDrafter samples (keys fold_in(key, w)); exact acceptance still holds."""
+    """W independent ReDrafter samples (keys fold_in(key, w)); exact acceptance still holds.
+    `beam.tree` does not apply: the samples are W full paths, packed into 1 + W*L slots."""
 
     config: DrafterConfig
     beam: BeamConfig
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
-
-    @property
-    def slots(self) -> int:
-        return self.beam.tree_nodes
 
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         params, target = draft_params

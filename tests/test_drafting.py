@@ -161,9 +161,9 @@ def test_beam_config_parses_per_root():
     with pytest.raises(ValueError, match="per_root"):
         BeamConfig(2, 4, per_root=1)
     tree = BeamConfig.parse("4x5T")
-    assert tree == BeamConfig(4, 5, tree=True) and tree.label == "4x5t"
-    assert (tree.candidates, tree.tree_nodes, tree.draft_rows) == (5, 6, 1)
-    assert (BeamConfig(2, 4).candidates, BeamConfig(2, 4).tree_nodes) == (2, 9)
+    assert tree == BeamConfig(4, 5, tree=True)
+    assert (tree.tree_nodes, tree.draft_rows) == (6, 1)
+    assert (BeamConfig(2, 4).tree_nodes, BeamConfig(2, 4).draft_rows) == (9, 2)
     with pytest.raises(ValueError, match="exclude"):
         BeamConfig(2, 4, per_root=True, tree=True)
 
