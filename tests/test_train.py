@@ -327,21 +327,6 @@ def test_drafter_folder_round_trip_onto_a_mesh_and_mismatch_errors(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_drafter_fits_smollm2_and_predicts_its_greedy_continuation():
-    """Run in a fresh interpreter: late in the full suite, this op-by-op check crashed the
-    pytest process itself (abort / segfault while unwinding in libgcc), while it passes alone;
-    a subprocess keeps the check and isolates it from the state earlier tests leave behind."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = "import test_train; test_train._shipped_drafter_check()"
-    here = Path(__file__).parent
-    done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-def _shipped_drafter_check():
     from drafter.drafting import beam_search
     from drafter.sampling import SamplingConfig
     from pipeline.drafter_io import DEFAULT_DRAFTER, target_embeddings
