@@ -20,15 +20,8 @@ demo: model
 	RAY_AUTH_MODE=disabled $(BIN)/specdraft generate --prompts examples/prompts.jsonl \
 		--out out/demo.jsonl --local --workers 2 --plot out/demo.png
 
-# Two pytest processes: the whole suite in one process segfaults late (in a different test from
-# run to run, each passing alone; cause not found yet), and these halves each pass.
-LATE_TESTS := tests/test_speculative.py tests/test_tokenizer.py tests/test_train.py \
-	tests/test_tree.py tests/test_weights.py
-
 test: model
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --timeout=1800 \
-		$(foreach t,$(LATE_TESTS),--ignore=$(t))
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --timeout=1800 $(LATE_TESTS)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --timeout=1800
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,5 +1,6 @@
-"""Test-wide setup: 8 fake CPU devices (set before JAX initialises), no Ray auth token, and the
-freed heap handed back to the OS after each test."""
+"""Test-wide setup: 8 fake CPU devices (set before JAX initialises), no Ray auth token, the
+freed heap handed back to the OS after each test, and JAX's compiled executables dropped after
+each module."""
 
 import ctypes
 import ctypes.util
@@ -36,4 +37,21 @@ def _return_freed_memory():
     yield
     if _TRIM is not None:
         gc.collect()
+        _TRIM(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_executables():
+    """Each executable XLA:CPU compiles keeps about 15 memory mappings (LLVM's JIT sections) for as
+    long as a cache holds it. The whole suite compiles thousands, and in one process it reached the
+    kernel's limit (`vm.max_map_count`, 65530): the next compilation's mmap failed and LLVM aborted
+    (`RuntimeDyldImpl::emitSection` -> `report_fatal_error`, a core with 65531 mappings), late in
+    the run and in whichever test compiled then. Module-scoped fixtures keep their executables
+    within a module; after it, nothing needs them."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    if _TRIM is not None:
         _TRIM(0)
