@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             outs = [engine.generate_ids(c, list(range(len(c))))[0] for c in chunks]
             row = {"width": beam.width, "length": beam.length, "per_root": beam.per_root,
-                   "tree": beam.tree, "lookup": lookup,
+                   "tree": beam.tree, "cuts": list(beam.cuts), "lookup": lookup,
                    "lookup_in_place": in_place,
                    **pooled(outs), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             log(str(row))

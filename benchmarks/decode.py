@@ -224,6 +224,8 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
     spec_tokens = sum(int(o.lengths.sum()) for o in spec[1])
     ar_tokens = sum(int(o.lengths.sum()) for o in ar[1])
     hist = sum(o.accepted.sum(0) for o in spec[1])
+    drafted = sum(int(o.drafted.sum()) for o in spec[1])
+    row_calls = sum(int(o.calls.sum()) for o in spec[1])
     same = [
         int(s.lengths[i]) == int(a.lengths[i])
         and bool((s.tokens[i, : s.lengths[i]] == a.tokens[i, : a.lengths[i]]).all())
@@ -242,6 +244,8 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "length": beam.length,
         "per_root": beam.per_root,
         "tree": beam.tree,
+        "cuts": list(beam.cuts),
+        "cut_costs": list(engine.beam_for(batch).step_costs()) if beam.cuts else None,
         "lookup": engine.config.lookup,
         "lookup_in_place": engine.config.lookup_in_place,
         "prompts": sum(len(c) for c in chunks),
@@ -256,6 +260,7 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         ],
         "rows_identical_to_ar": sum(same),
         "accepted_per_call": float((hist * (1 + np.arange(hist.size))).sum() / hist.sum()),
+        "drafted_per_call": drafted / row_calls if row_calls else None,
         "draft_ms": draft_ms,
         "verify_ms": verify_ms,
         "spec_step_ms": spec_s * 1e3 / spec_steps,

@@ -51,6 +51,10 @@ run decode "${tree[@]}" --beams 4x5t 4x6t 4x8t --out "$out/decode-heldout-batch1
 run decode "${tree[@]}" --beams 4x8t 4x10t 4x12t 4x16t \
   --out "$out/decode-heldout-batch1-tree-deeper.json"
 run decode "${tree[@]}" --beams 1x4 4x5t 4x8t --out "$out/decode-heldout-batch1-tree-head-to-head.json"
+# Cut trees (BeamConfig.cuts, step costs measured on the machine; 4x8t/1/2/4 is the default for
+# a greedy prompt alone) against the uncut tree.
+run decode "${tree[@]}" --repeats 3 --beams 4x8t 4x8t/1/2/4 4x4t/1/2 \
+  --out "$out/decode-heldout-batch1-cuts.json"
 run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 3 --batches 8 \
   --beams 1x1 4x2t 4x3t --lookup 4i --max-new-tokens 128 --out "$out/decode-heldout-tree-batch8.json"
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"

@@ -88,12 +88,28 @@ class BeamConfig:
     deep where it is sure. Verified as a tree of 1 + L nodes, the size of the (1, L) chain, with
     the same L drafting steps of one row each; `1xLt` is the (1, L) chain itself. Its Drafts hold
     one candidate per drafted token (the path to it), so W there is L.
+
+    cuts: smaller sizes (drafted tokens, each < L) a best-first tree may be cut to before it is
+    verified, chosen per step. The tree's first k tokens are a tree themselves (a parent is
+    chosen before its children), and under greedy verification each token adds its chance of
+    lying on the target's path, which the drafter's path probability p estimates. So each step
+    verifies, per row, the k in cuts + (L,) that maximises the expected tokens per cost,
+    `(1 + p_1 + ... + p_k) / (1 + node_cost * k)` (a batch verifies its rows' largest k):
+    `node_cost` is one more tree node's verify cost as a fraction of a one-token step (about
+    0.06 for SmolLM2 fp32 on a 2-core CPU, README; near 0 where few-row matmuls cost what one
+    row does, as on a GPU). `costs`, when given, replaces that model: a step's cost at each of
+    `verify_sizes` (any unit), as `pipeline.tree_costs` measures it on the machine at hand (the
+    engine does so itself, `EngineConfig.calibrate_cuts`). Exact either way: the choice
+    depends on the drafts alone.
     """
 
     width: int
     length: int
     per_root: bool = False
     tree: bool = False
+    cuts: tuple[int, ...] = ()
+    node_cost: float = 0.06
+    costs: tuple[float, ...] = ()
 
     def __post_init__(self):
         _positive("BeamConfig", "width", self.width)
@@ -105,6 +121,28 @@ class BeamConfig:
             raise ValueError(
                 "BeamConfig: per_root and tree exclude each other (a tree has no beams)"
             )
+        object.__setattr__(self, "cuts", tuple(sorted(set(self.cuts))))
+        if self.cuts and not self.tree:
+            raise ValueError(f"BeamConfig.cuts {self.cuts} need a best-first tree (tree=True)")
+        for k in self.cuts:
+            if not isinstance(k, int) or not 1 <= k < self.length:
+                raise ValueError(
+                    f"BeamConfig.cuts: each cut must be an int in 1..{self.length - 1} "
+                    f"(below the tree's length), got {k!r}"
+                )
+        if not self.node_cost >= 0:
+            raise ValueError(f"BeamConfig.node_cost must be >= 0, got {self.node_cost!r}")
+        object.__setattr__(self, "costs", tuple(float(c) for c in self.costs))
+        if self.costs and (len(self.costs) != len(self.verify_sizes)
+                           or not all(c > 0 for c in self.costs)):  # fmt: skip
+            raise ValueError(
+                f"BeamConfig.costs {self.costs} must hold one positive cost per verify size "
+                f"{self.verify_sizes}"
+            )
+
+    def step_costs(self) -> tuple[float, ...]:
+        """A step's cost at each of `verify_sizes`: `costs`, else `1 + node_cost * k`."""
+        return self.costs or tuple(1.0 + self.node_cost * k for k in self.verify_sizes)
 
     @property
     def tree_nodes(self) -> int:
@@ -116,12 +154,48 @@ class BeamConfig:
         """Rows of one drafting step's head product (per prompt): W beams, or 1 for a tree."""
         return 1 if self.tree else self.width
 
+    @property
+    def verify_sizes(self) -> tuple[int, ...]:
+        """Drafted tokens a step may verify: the cuts, then the whole tree (L)."""
+        return (*self.cuts, self.length) if self.tree else (self.length,)
+
+    def __str__(self) -> str:
+        """The `parse` form: "2x3", "2x3r", "4x8t", "4x8t/4", "4x8t/4@0.1"."""
+        text = f"{self.width}x{self.length}" + ("r" if self.per_root else "t" if self.tree else "")
+        text += "".join(f"/{k}" for k in self.cuts)
+        default = BeamConfig.__dataclass_fields__["node_cost"].default
+        return text + (f"@{self.node_cost:g}" if self.cuts and self.node_cost != default else "")
+
     @classmethod
     def parse(cls, text: str) -> BeamConfig:
         """ "2x3" -> BeamConfig(width=2, length=3), "2x3r" -> the same per root, "4x4t" -> a
-        best-first tree of 4 tokens from the top-4 children; ValueError naming the text
-        otherwise."""
-        body = text.lower()
+        best-first tree of 4 tokens from the top-4 children, "4x8t/4" -> that tree of 8 tokens,
+        cut to 4 where its path probabilities say so (`cuts`), "4x8t/4@0.1" -> the same at a
+        `node_cost` of 0.1; ValueError naming the text otherwise."""
+        shape, _, cost_text = text.lower().partition("@")
+        body, *cut_texts = shape.split("/")
+        if cost_text or "@" in text:
+            try:
+                node_cost = float(cost_text)
+            except ValueError:
+                raise ValueError(f"expected a node cost such as 4x8t/4@0.1, got {text!r}") from None
+            if not cut_texts:
+                raise ValueError(f"a node cost ('@C') needs cuts ('/K'), got {text!r}")
+            cut = cls.parse(shape)
+            return cls(cut.width, cut.length, tree=True, cuts=cut.cuts, node_cost=node_cost)
+        try:
+            cuts = tuple(int(c) for c in cut_texts)
+        except ValueError:
+            raise ValueError(
+                f"expected cuts such as 4x8t/4 (integers after '/'), got {text!r}"
+            ) from None
+        if cuts:
+            if not body.endswith("t"):
+                raise ValueError(f"cuts ('/K') apply to best-first trees (WxLt), got {text!r}")
+            tree = cls.parse(body)
+            if any(not 1 <= k < tree.length for k in cuts):
+                raise ValueError(f"each cut in {text!r} must be in 1..{tree.length - 1}")
+            return cls(tree.width, tree.length, tree=True, cuts=cuts)
         per_root, tree = body.endswith("r"), body.endswith("t")
         try:
             width, length = (int(p) for p in (body[:-1] if per_root or tree else body).split("x"))

@@ -9,7 +9,10 @@ drafter; `Engine.from_params(...)` wraps in-memory params (tiny random models in
 - `accepted_per_call`: mean tokens emitted per verify step, COUNTING THE BONUS TOKEN (accepted
   drafted tokens + 1), before cutting at EOS / max-new-tokens.
 - `acceptance_per_depth[d]`: fraction of verify steps that accepted drafted token d+1.
-- `width`, `length`, `per_root`, `tree`: the draft tree the row was decoded with
+- `drafted_per_call`: drafted-token slots verified per step (the tree's size past its root; less
+  than `length` where a best-first tree was cut, `BeamConfig.cuts`).
+- `width`, `length`, `per_root`, `tree`, `cuts`: the draft tree the row was decoded with
+  (`cut_costs`: the step cost per verify size its cuts were chosen by, ms where measured)
   (`Engine.beam_for`: a greedy batch of one prompt uses `EngineConfig.single_beam`, every other
   batch `EngineConfig.beam`; `BeamConfig` says what each means).
 - `draft_ms`, `verify_ms`: one draft step and one tree-verify step of this batch, each timed
@@ -67,11 +70,16 @@ class EngineConfig:
     # 4x5t 1.86-1.95x, deeper trees were slower (4x10t 1.79x, 4x12t 1.75x, 4x16t 1.52x). On all
     # 64 held-out prompts it emits 2.854 tokens per call, against 2.266 for (1, 4) and 2.530 for
     # (2, 4) per root (`BeamConfig.per_root`, `--per-root`, 9 nodes too).
+    # The tree is cut per step to 1, 2 or 4 of its 8 tokens where its path probabilities, weighed
+    # against step costs measured on the machine (`BeamConfig.cuts`, `calibrate_cuts`), say a
+    # smaller one is faster: on a second 2-core CPU, where a 9-node verify cost 2.9x a one-token
+    # step (1.6-1.8x on the first), it ran at 1.02x AR against 1.00x for the uncut tree, ahead
+    # in each of 3 rounds (README, Benchmarks).
     # None: `beam` for every batch. Sampled decoding keeps `beam` whatever the batch, so a prompt's
     # draws do not depend on the batch it is in (greedy output is the same for any tree). On a
     # GPU, where wide trees are nearly free, measure and pass a wider one (`--width`, `--length`).
     beam: BeamConfig = BeamConfig(width=1, length=1)
-    single_beam: BeamConfig | None = BeamConfig(width=4, length=8, tree=True)
+    single_beam: BeamConfig | None = BeamConfig(width=4, length=8, tree=True, cuts=(1, 2, 4))
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
     # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
     # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least
@@ -95,6 +103,10 @@ class EngineConfig:
     # (5 rows of SmolLM2's head: 5.4 against 7.1 ms), at the cost of a second copy of the table.
     # The drafter's head rows are held in both layouts regardless (`draft_params_for`).
     transposed_head: bool = True
+    # A tree with cuts (`BeamConfig.cuts`) and no `costs` of its own gets them measured on this
+    # machine the first time it serves (`pipeline.tree_costs`: one layer and the head per size,
+    # about a second per size on the 2-core CPU); False: its linear `node_cost` model.
+    calibrate_cuts: bool = True
 
     def __post_init__(self):
         for name in ("max_new_tokens", "batch_size"):
@@ -162,6 +174,7 @@ class Engine:
             spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC
         )
         self._phase_ms: dict[tuple[int, int], tuple[float, float]] = {}
+        self._cut_costs: dict[BeamConfig, BeamConfig] = {}
         self._draft = shard_jit(spec.draft_core, self.mesh, spec.DRAFT_BATCH, spec.DRAFT_STATIC)
 
     @classmethod
@@ -231,11 +244,25 @@ class Engine:
     # -- draft shapes --------------------------------------------------------------------------
 
     def beam_for(self, rows: int) -> BeamConfig:
-        """The draft tree for a batch of `rows` prompts (`EngineConfig.beam`, `single_beam`)."""
+        """The draft tree for a batch of `rows` prompts (`EngineConfig.beam`, `single_beam`), its
+        cut costs measured here if it needs them (`EngineConfig.calibrate_cuts`)."""
         c = self.config
         if rows == 1 and c.single_beam is not None and c.sampling.greedy:
-            return c.single_beam
-        return c.beam
+            return self._calibrated(c.single_beam)
+        return self._calibrated(c.beam)
+
+    def _calibrated(self, beam: BeamConfig) -> BeamConfig:
+        """`beam` with `costs` measured on this machine, once per beam."""
+        if not (beam.cuts and not beam.costs and self.config.calibrate_cuts):
+            return beam
+        if beam not in self._cut_costs:
+            from pipeline import tree_costs
+
+            beam_fn = spec.BeamDraft(self.drafter_config, beam)
+            costs = tree_costs.step_costs(self.llm_params, self.llm_config, beam.verify_sizes,
+                                          beam_fn, self.draft_params)  # fmt: skip
+            self._cut_costs[beam] = dataclasses.replace(beam, costs=costs)
+        return self._cut_costs[beam]
 
     def draft_params_for(self, rows: int, beam: BeamConfig):
         """The drafter's params and target tables for a batch of `rows` prompts drafting `beam`:
@@ -372,12 +399,14 @@ class Engine:
         results = []
         for i, item in enumerate(items):
             ids = [int(t) for t in out.tokens[i, : out.lengths[i]]]
-            metrics = row_metrics(out.calls[i], out.accepted[i], len(ids))
+            metrics = row_metrics(out.calls[i], out.accepted[i], len(ids), out.drafted[i])
             metrics.update(
                 width=beam.width,
                 length=beam.length,
                 per_root=beam.per_root,
                 tree=beam.tree,
+                cuts=list(beam.cuts),
+                cut_costs=list(beam.step_costs()) if beam.cuts else None,
                 draft_ms=draft_ms,
                 verify_ms=verify_ms,
                 tokens_per_s=tok_s,
@@ -436,8 +465,9 @@ class Engine:
         }
 
 
-def row_metrics(calls, accepted_hist, new_tokens: int) -> dict:
-    """[] verify calls, [L+1] histogram of accepted draft lengths -> the per-row metrics."""
+def row_metrics(calls, accepted_hist, new_tokens: int, drafted=None) -> dict:
+    """[] verify calls, [L+1] histogram of accepted draft lengths, [] drafted-token slots
+    verified (None: not recorded) -> the per-row metrics."""
     calls = int(calls)
     hist = np.asarray(accepted_hist, np.float64)
     per_call = float((hist * np.arange(1, hist.size + 1)).sum() / calls) if calls else None
@@ -448,6 +478,7 @@ def row_metrics(calls, accepted_hist, new_tokens: int) -> dict:
         "new_tokens": new_tokens,
         "accepted_per_call": per_call,
         "acceptance_per_depth": [float(x / calls) if calls else None for x in at_least],
+        "drafted_per_call": float(drafted) / calls if calls and drafted is not None else None,
     }
 
 

@@ -9,6 +9,7 @@ OUT.jsonl` runs the same engine in this process (prompts go through the model's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "(BeamConfig.tree; 1 + L nodes, as the (1, L) chain; default: "
                         f"{'on' if one.tree else 'off'} for a greedy batch of one "
                         "prompt)")  # fmt: skip
+    g.add_argument("--cuts", type=int, nargs="*", default=None, metavar="K",
+                   help="sizes (drafted tokens) a best-first tree may be cut to per step, where "
+                        "its path probabilities against the step costs measured on this machine "
+                        "say so (BeamConfig.cuts; `--cuts` alone: never cut; default: "
+                        f"{' '.join(map(str, one.cuts)) or 'none'} for a greedy batch of one "
+                        "prompt)")  # fmt: skip
     g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
                    help="add a draft copied from the context after its longest repeated n-gram "
                         "of <= N tokens (0: drafter only; default 4)")  # fmt: skip
@@ -66,7 +73,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
     No --width/--length/--per-root/--tree: the defaults, `EngineConfig.beam` and `single_beam`
     for a greedy batch of one prompt; any of them: that tree for every batch (the rest from
-    `beam`, or with --tree from the default tree, `single_beam`, when that is one)."""
+    `beam`, or with --tree from the default tree, `single_beam`, when that is one). --cuts sets
+    the cuts of that tree, or of `single_beam` when no shape flag is given."""
     shape = {}
     flags = (args.width, args.length, args.per_root, args.tree)
     if any(flag is not None for flag in flags):
@@ -75,6 +83,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         base = one if args.tree and one is not None and one.tree else DEFAULTS.beam
         fields = {k: getattr(base, k) if v is None else v for k, v in given.items()}
         shape = {"beam": BeamConfig(**fields), "single_beam": None}
+    cuts = getattr(args, "cuts", None)
+    if cuts is not None:
+        which = "beam" if shape else "single_beam"
+        tree = shape.get("beam", DEFAULTS.single_beam)
+        if tree is None or not tree.tree:
+            raise ValueError(f"--cuts {' '.join(map(str, cuts))}: cuts apply to a best-first "
+                             "tree (--tree)")  # fmt: skip
+        shape[which] = dataclasses.replace(tree, cuts=tuple(cuts))
     return EngineConfig(
         model=args.model,
         drafter=args.drafter,

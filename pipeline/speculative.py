@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from drafter.config import BeamConfig, DrafterConfig
-from drafter.drafting import Drafts, beam_search, sample_seq
+from drafter.drafting import NO_TOKEN, Drafts, beam_search, sample_seq
 from drafter.lookup import lookup_candidate
 from drafter.model import TargetEmbeddings
 from drafter.sampling import SamplingConfig, sample
@@ -185,17 +185,21 @@ class SpecState(NamedTuple):
     keys: jax.Array  # [B] per-row keys
     calls: jax.Array  # [B] verify calls made while the row was active
     accepted: jax.Array  # [B, L+1] how often 0..L drafted tokens were accepted
+    drafted: jax.Array  # [B] drafted tokens verified (tree node slots past the root), summed
     step: jax.Array  # []
 
 
 class SpecOut(NamedTuple):
     """tokens [B, M] (first `lengths[b]` real, EOS included, rest PAD_ID), lengths [B], calls [B]
-    verify calls (prefill not counted), accepted [B, L+1] histogram of accepted draft lengths."""
+    verify calls (prefill not counted), accepted [B, L+1] histogram of accepted draft lengths,
+    drafted [B] drafted-token slots verified over those calls (fewer than calls x L where a
+    best-first tree was cut, `BeamConfig.cuts`)."""
 
     tokens: jax.Array
     lengths: jax.Array
     calls: jax.Array
     accepted: jax.Array
+    drafted: jax.Array
 
 
 def _emit(state: SpecState, emitted, num_emitted, eos_ids: tuple[int, ...]):
@@ -245,27 +249,84 @@ def verify_step(llm_params, config: LlamaConfig, cache: KVCache, candidates,
     return trees, forward(llm_params, config, trees.tokens, positions, cache, mask)
 
 
-def _accept_commit(state: SpecState, drafts: Drafts, trees, out, rule, keys, eos_ids):
-    """Accept per row, commit the accepted path, emit the accepted tokens and the bonus."""
+class Verified(NamedTuple):
+    """One verify step's outcome per row, in shapes that do not depend on the tree's size."""
+
+    beam: jax.Array  # [B] the accepted candidate
+    length: jax.Array  # [B] drafted tokens accepted
+    bonus: jax.Array  # [B] the target's token after them
+    take: jax.Array  # [B, L+1] tree nodes of the accepted path
+    new_k: jax.Array  # [N, B, T, Hkv, hd] every node's keys (T: the largest tree's slots)
+    new_v: jax.Array
+    hidden: jax.Array  # [B, D] hidden state of the last accepted node
+
+
+def _verify_accept(llm_params, config, state: SpecState, drafts: Drafts, slots, rule, keys,
+                   pad_to: int | None = None) -> Verified:  # fmt: skip
+    """Verify `drafts` as trees of `slots` nodes and accept per row; new keys/values padded
+    with zeros to `pad_to` nodes (never read: `take` points at real nodes only)."""
+    trees, out = verify_step(llm_params, config, state.cache, drafts.tokens, slots)
     acc = jax.vmap(rule)(keys, drafts.tokens, drafts.token_log_probs, trees, out.logits)
+    rows = jnp.arange(drafts.tokens.shape[0])
+    new_k, new_v = out.new_k, out.new_v
+    if pad_to is not None and pad_to > new_k.shape[2]:
+        pad = [(0, 0)] * new_k.ndim
+        pad[2] = (0, pad_to - new_k.shape[2])
+        new_k, new_v = jnp.pad(new_k, pad), jnp.pad(new_v, pad)
+    return Verified(acc.beam, acc.length, acc.bonus, trees.node_of[rows, acc.beam], new_k, new_v,
+                    out.hidden[rows, acc.last_node])  # fmt: skip
+
+
+def _commit_emit(state: SpecState, drafts: Drafts, ver: Verified, eos_ids, verified):
+    """Commit the accepted path, emit the accepted tokens and the bonus; `verified` ([] or [B])
+    the drafted-token slots this step verified."""
     b, _, depth1 = drafts.tokens.shape
     rows = jnp.arange(b)
     active = ~state.done
-    take = trees.node_of[rows, acc.beam]  # [B, L+1] nodes of the accepted path
-    cache = commit(state.cache, out.new_k, out.new_v, take, jnp.where(active, acc.length + 1, 0))
-    drafted = drafts.tokens[rows, acc.beam, 1:]  # [B, L]
+    cache = commit(state.cache, ver.new_k, ver.new_v, ver.take,
+                   jnp.where(active, ver.length + 1, 0))  # fmt: skip
+    drafted = drafts.tokens[rows, ver.beam, 1:]  # [B, L]
     emitted = jnp.concatenate([drafted, jnp.zeros((b, 1), jnp.int32)], 1)
-    emitted = emitted.at[rows, acc.length].set(acc.bonus)
-    hit = jax.nn.one_hot(acc.length, depth1, dtype=jnp.int32) * active[:, None]
+    emitted = emitted.at[rows, ver.length].set(ver.bonus)
+    hit = jax.nn.one_hot(ver.length, depth1, dtype=jnp.int32) * active[:, None]
     state = state._replace(
         cache=cache,
-        llm_state=jnp.where(active[:, None], out.hidden[rows, acc.last_node], state.llm_state),
-        llm_token=jnp.where(active, acc.bonus, state.llm_token),
+        llm_state=jnp.where(active[:, None], ver.hidden, state.llm_state),
+        llm_token=jnp.where(active, ver.bonus, state.llm_token),
         calls=state.calls + active.astype(jnp.int32),
         accepted=state.accepted + hit,
+        drafted=state.drafted + active.astype(jnp.int32) * verified,
         step=state.step + 1,
     )
-    return _emit(state, emitted, acc.length + 1, eos_ids)
+    return _emit(state, emitted, ver.length + 1, eos_ids)
+
+
+def cut_tree(drafts: Drafts, k: int, row_k=None) -> Drafts:
+    """The first `k` drafted tokens of a best-first tree ([B, L, L+1] Drafts, one path per
+    token): its first k paths, nothing deeper than k; also a lookup copy that replaced the tree
+    (every row the same chain) cut to its first k tokens. row_k [B] (<= k) cuts each row's tree
+    further, to its own size: the paths past it keep only the root, which adds no node."""
+    tokens = drafts.tokens[:, :k]
+    limit = jnp.full((tokens.shape[0],), k) if row_k is None else row_k
+    depth = jnp.arange(tokens.shape[-1])[None, None, :]
+    path = jnp.arange(k)[None, :, None]
+    drop = (depth > limit[:, None, None]) | ((path >= limit[:, None, None]) & (depth > 0))
+    return Drafts(
+        tokens=jnp.where(drop, NO_TOKEN, tokens),
+        scores=drafts.scores[:, :k],
+        token_log_probs=jnp.where(drop[..., 1:], 0.0, drafts.token_log_probs[:, :k]),
+    )
+
+
+def choose_cut(drafts: Drafts, sizes: tuple[int, ...], costs: tuple[float, ...]):
+    """[B] index into `sizes` per row: the tree size with the most expected tokens per cost,
+    `(1 + p_1 + ... + p_k) / cost_k` (`BeamConfig.cuts`, `BeamConfig.step_costs`).
+    drafts.scores [B, L] are the paths' log-probabilities in the order the tree chose them (a
+    lookup copy carries 0, probability 1). A row's choice depends on its own drafts alone."""
+    expected = jnp.cumsum(jnp.exp(drafts.scores), axis=1)  # [B, L] drafted tokens expected
+    gain = jnp.stack([(1.0 + expected[:, k - 1]) / c for k, c in zip(sizes, costs, strict=True)],
+                     axis=1)  # fmt: skip
+    return jnp.argmax(gain, axis=1).astype(jnp.int32)
 
 
 def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, draft_fn: DraftFn,
@@ -275,16 +336,41 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
     Stacked layers and the cache are split once, before the loop (see `pipeline.llm`'s
     `unstack_layers` and `unstack_cache`): XLA copies every layer's weights and keys/values out
     of stacked arrays on each verify call.
+
+    A best-first tree with `cuts` (`BeamConfig.cuts`) is cut per row and step to the size
+    `choose_cut` picks from the row's own drafts, so a row's output does not depend on its batch;
+    the batch verifies a tree of its active rows' largest size, one compiled verify per size
+    under `lax.switch`, which runs only the chosen one. The cache is committed outside the
+    switch, so no branch carries it.
     """
     llm_params = unstack_layers(llm_params)
     state = state._replace(cache=unstack_cache(state.cache))
+    beam = getattr(draft_fn, "beam", None)
+    sizes = beam.verify_sizes if beam is not None and beam.cuts else ()
 
     def step(state: SpecState) -> SpecState:
         draft_keys, accept_keys = _row_keys(state)
         drafts = draft_step(draft_fn, draft_params, state, draft_keys)
-        trees, out = verify_step(llm_params, config, state.cache, drafts.tokens,
-                                 draft_slots(draft_fn))  # fmt: skip
-        return _accept_commit(state, drafts, trees, out, rule, accept_keys, eos_ids)
+        if not sizes:
+            slots = draft_slots(draft_fn)
+            ver = _verify_accept(llm_params, config, state, drafts, slots, rule, accept_keys)
+            return _commit_emit(state, drafts, ver, eos_ids, ver.new_k.shape[2] - 1)
+        full = 1 + beam.length
+
+        def branch(k):
+            def run(drafts, row_k):
+                # The accepted candidate indexes the cut's paths, the first k of `drafts`.
+                cut = cut_tree(drafts, k, jnp.minimum(row_k, k))
+                return _verify_accept(llm_params, config, state, cut, 1 + k, rule, accept_keys,
+                                      pad_to=full)  # fmt: skip
+
+            return run
+
+        row_index = choose_cut(drafts, sizes, beam.step_costs())  # [B]
+        row_k = jnp.asarray(sizes, jnp.int32)[row_index]
+        index = jnp.max(jnp.where(state.done, 0, row_index))  # the batch verifies its largest
+        ver = jax.lax.switch(index, [branch(k) for k in sizes], drafts, row_k)
+        return _commit_emit(state, drafts, ver, eos_ids, row_k)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
 
@@ -318,6 +404,7 @@ def start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, *, config:
         keys=keys,
         calls=jnp.zeros((b,), jnp.int32),
         accepted=jnp.zeros((b, length + 1), jnp.int32),
+        drafted=jnp.zeros((b,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
     )
     return _emit(state, first[:, None], jnp.ones((b,), jnp.int32), eos_ids)
@@ -328,7 +415,7 @@ def finish(state: SpecState, num_tokens: int) -> SpecOut:
     cut = jax.vmap(lambda c, p: jax.lax.dynamic_slice(c, (p,), (num_tokens,)))
     tokens = cut(state.context, state.num_prompt)
     tokens = jnp.where(jnp.arange(num_tokens)[None, :] < state.num_out[:, None], tokens, PAD_ID)
-    return SpecOut(tokens, state.num_out, state.calls, state.accepted)
+    return SpecOut(tokens, state.num_out, state.calls, state.accepted, state.drafted)
 
 
 def generate_core(llm_params, draft_params, prompts, prompt_lengths, max_new, key, row_ids,

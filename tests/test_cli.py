@@ -261,7 +261,7 @@ def test_engine_flags_carry_the_tree():
         engine_config_from_args(parser.parse_args(argv))
     )
     # a best-first tree for one greedy prompt
-    assert shape([]) == (BeamConfig(1, 1), BeamConfig(4, 8, tree=True))
+    assert shape([]) == (BeamConfig(1, 1), BeamConfig(4, 8, tree=True, cuts=(1, 2, 4)))
     assert shape(["--width", "2", "--length", "3"]) == (BeamConfig(2, 3), None)
     assert shape(["--length", "2"]) == (BeamConfig(1, 2), None)
     per_root = ["--width", "2", "--length", "4", "--per-root"]
@@ -275,6 +275,28 @@ def test_engine_flags_carry_the_tree():
         engine_config_from_args(parser.parse_args([*tree, "--per-root"]))
     with pytest.raises(ValueError, match="BeamConfig.width"):
         engine_config_from_args(parser.parse_args(["--width", "0"]))
+
+
+def test_engine_flags_carry_the_cuts():
+    import dataclasses
+
+    from drafter.config import BeamConfig
+    from pipeline.engine import EngineConfig
+    from pipeline.generate_cmd import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    config = lambda *argv: engine_config_from_args(parser.parse_args(list(argv)))
+    one = EngineConfig().single_beam
+    got = config("--cuts", "4", "2")  # the default tree for one greedy prompt, cut to 2 or 4
+    assert (got.beam, got.single_beam) == (BeamConfig(1, 1), dataclasses.replace(one, cuts=(2, 4)))
+    assert config("--cuts").single_beam.cuts == ()  # never cut
+    got = config("--tree", "--length", "6", "--cuts", "3")
+    assert (got.beam, got.single_beam) == (BeamConfig(4, 6, tree=True, cuts=(3,)), None)
+    with pytest.raises(ValueError, match="best-first"):
+        config("--width", "2", "--cuts", "1")
+    with pytest.raises(ValueError, match="BeamConfig.cuts"):
+        config("--tree", "--cuts", "8")
 
 
 def test_bench_lookup_values():

@@ -168,6 +168,26 @@ def test_beam_config_parses_per_root():
         BeamConfig(2, 4, per_root=True, tree=True)
 
 
+def test_beam_config_parses_cuts():
+    cut = BeamConfig.parse("4x8t/4/2")
+    assert cut == BeamConfig(4, 8, tree=True, cuts=(2, 4))
+    assert cut.verify_sizes == (2, 4, 8) and str(cut) == "4x8t/2/4"
+    assert BeamConfig(4, 8, tree=True).verify_sizes == (8,) and str(BeamConfig(2, 3)) == "2x3"
+    assert BeamConfig.parse(str(BeamConfig(2, 3, per_root=True))).per_root
+    costly = BeamConfig.parse("4x8t/4@0.1")
+    assert costly == BeamConfig(4, 8, tree=True, cuts=(4,), node_cost=0.1)
+    assert BeamConfig.parse(str(costly)) == costly and str(costly) == "4x8t/4@0.1"
+    for bad, match in (("4x8/4", "best-first"), ("4x8t/8", "1..7"), ("4x8t/0", "1..7"),
+                       ("4x8t/a", "integers"), ("4x8t@0.1", "needs cuts"),
+                       ("4x8t/4@x", "node cost")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            BeamConfig.parse(bad)
+    with pytest.raises(ValueError, match="tree=True"):
+        BeamConfig(2, 4, cuts=(2,))
+    with pytest.raises(ValueError, match="node_cost"):
+        BeamConfig(2, 4, tree=True, cuts=(2,), node_cost=-1.0)
+
+
 def test_length_one_is_top_w_of_first_distribution():
     config, params, target, llm_states, llm_tokens = setup("proj", seed=2)
     got = jit_beams(params, config, target, llm_states, llm_tokens, BeamConfig(5, 1), False)

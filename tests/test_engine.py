@@ -181,7 +181,8 @@ def test_a_best_first_tree_for_one_prompt_is_exact():
     """`single_beam` = a best-first tree decodes a prompt alone to AR's tokens, drafts with the
     one-row head layout, and its drafts come back as paths without NO_TOKEN."""
     llm = init_llm(CONFIG, jax.random.key(0))
-    assert EngineConfig().single_beam == BeamConfig(4, 8, tree=True)  # the CPU default (README)
+    default = BeamConfig(4, 8, tree=True, cuts=(1, 2, 4))  # the CPU default (README)
+    assert EngineConfig().single_beam == default
     tree = BeamConfig(3, 4, tree=True)
     config = EngineConfig(single_beam=tree, max_new_tokens=10, batch_size=1, time_phases=False)
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
@@ -214,3 +215,27 @@ def test_a_per_root_tree_for_one_prompt_is_exact():
         assert (m["width"], m["length"], m["per_root"]) == (2, 4, True)
     beams = eng.draft(ITEMS[:1])[0]["beams"]
     assert len(beams) == 2 and beams[0][1] != beams[1][1]  # two distinct first tokens
+
+
+def test_a_cut_tree_gets_costs_measured_here_and_reports_them():
+    """`EngineConfig.calibrate_cuts`: the costs come from `pipeline.tree_costs` (timings, so
+    only their shape is checked); the output stays greedy AR's."""
+    tree = BeamConfig(3, 4, tree=True, cuts=(1, 2))
+    config = EngineConfig(beam=tree, single_beam=None, max_new_tokens=10, time_phases=False)
+    eng = Engine.from_params(CONFIG, init_llm(CONFIG, jax.random.key(0)), config=config,
+                             tokenizer=CharTokenizer())  # fmt: skip
+    beam = eng.beam_for(3)
+    assert (beam.cuts, len(beam.costs)) == ((1, 2), 3) and all(c > 0 for c in beam.costs)
+    assert eng.beam_for(1) is beam  # measured once
+    results = eng.generate(ITEMS)
+    prompts = [eng.encode(item) for item in ITEMS]
+    toks, lengths = eng._batch(prompts)
+    want = generate(eng.llm_params, CONFIG, toks, lengths, SamplingConfig(), jax.random.key(0), 10)
+    for i, r in enumerate(results):
+        assert r["token_ids"] == [int(t) for t in want.tokens[i, : want.lengths[i]]]
+        m = r["metrics"]
+        assert m["cuts"] == [1, 2] and m["cut_costs"] == list(beam.costs)
+        assert 1 <= m["drafted_per_call"] <= 4
+    fixed = dataclasses.replace(config, calibrate_cuts=False)
+    eng = Engine.from_params(CONFIG, init_llm(CONFIG, jax.random.key(0)), config=fixed)
+    assert eng.beam_for(3) == tree and eng.beam_for(3).step_costs() == (1.06, 1.12, 1.24)

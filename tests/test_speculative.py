@@ -217,6 +217,86 @@ def sampled_counts(small_llm, rule, draft=None, key=11, draft_params=None):
     return counts, np.asarray(got.accepted).sum(0)
 
 
+@dataclass(frozen=True)
+class CalibratedTreeDraft(OracleTreeDraft):
+    """OracleTreeDraft's tree with path probabilities that know where it is spoilt: 0.95 for a
+    path the target will accept, 0.02 for one it will not."""
+
+    def __call__(self, llm, inputs: spec.DraftInputs) -> Drafts:
+        drafts = super().__call__(llm, inputs)
+        length = self.beam.length
+        spoil_at = inputs.num_context % length
+        depth = (drafts.tokens != NO_TOKEN).sum(1) - 1  # [L] each path's depth
+        right = (depth <= spoil_at) & (jnp.arange(length) != 1)  # row 1 is the wrong sibling
+        return drafts._replace(scores=jnp.log(jnp.where(right, 0.95, 0.02)))
+
+
+def best_first_drafts(llm, beam, rows=4, seed=3):
+    """Best-first Drafts [rows, L, L+1] of the untrained drafter from random states."""
+    from drafter.drafting import best_first
+
+    params = init_drafter(DRAFTER, jax.random.key(seed))
+    states = jax.random.normal(jax.random.key(seed + 1), (rows, DRAFTER.exit_dim))
+    tokens = jnp.arange(rows, dtype=jnp.int32) + 4
+    one = lambda s, t: best_first(params, DRAFTER, spec.target_embeddings(llm), s, t, beam)
+    return jax.vmap(one)(states, tokens)
+
+
+def test_a_cut_best_first_tree_is_its_first_k_nodes(llm):
+    from pipeline.tree import pack_trees
+
+    length = 5
+    drafts = best_first_drafts(llm, BeamConfig(3, length, tree=True))
+    for k in range(1, length):
+        cut = spec.cut_tree(drafts, k)
+        np.testing.assert_array_equal(cut.tokens, drafts.tokens[:, :k])  # nothing deeper than k
+        assert np.all(np.asarray(pack_trees(cut.tokens, 1 + k).num_nodes) == 1 + k)
+        row_k = jnp.asarray([k, 1, max(k - 1, 1), k])  # and each row to its own size
+        per_row = spec.cut_tree(drafts, k, row_k)
+        np.testing.assert_array_equal(np.asarray(pack_trees(per_row.tokens, 1 + k).num_nodes),
+                                      1 + np.asarray(row_k))  # fmt: skip
+        for b, kb in enumerate(np.asarray(row_k)):
+            np.testing.assert_array_equal(per_row.tokens[b, :kb], drafts.tokens[b, :kb])
+            assert np.all(np.asarray(per_row.tokens[b, kb:, 1:]) == NO_TOKEN)
+    chain = jnp.broadcast_to(jnp.arange(length + 1, dtype=jnp.int32), (1, length, length + 1))
+    copy = Drafts(chain, jnp.zeros((1, length)), jnp.zeros((1, length, length)))  # a lookup copy
+    cut = spec.cut_tree(copy, 2)
+    assert np.asarray(cut.tokens[0]).tolist() == [[0, 1, 2, NO_TOKEN, NO_TOKEN, NO_TOKEN]] * 2
+    assert int(pack_trees(cut.tokens, 3).num_nodes[0]) == 3
+
+
+def test_choose_cut_weighs_expected_tokens_against_the_tree_cost():
+    p = jnp.asarray([[0.9, 0.5, 0.1, 0.05], [1.0, 1.0, 1.0, 1.0], [0.1, 0.01, 0.01, 0.01]])
+    drafts = Drafts(jnp.zeros((3, 4, 5), jnp.int32), jnp.log(p), jnp.zeros((3, 4, 4)))
+    costs = lambda c: BeamConfig(4, 4, tree=True, cuts=(1, 2), node_cost=c).step_costs()
+    # At cost 0.06 a node: row 0 (1 + 1.4) / 1.12 = 2.14 at 2 tokens > 2.55 / 1.24 = 2.06 at 4.
+    assert spec.choose_cut(drafts, (1, 2, 4), costs(0.06)).tolist() == [1, 2, 0]
+    assert spec.choose_cut(drafts, (1, 2, 4), costs(0.0)).tolist() == [2, 2, 2]  # free nodes
+    assert spec.choose_cut(drafts, (1, 2, 4), costs(10.0)).tolist() == [0, 0, 0]
+    # Measured costs replace the linear model: here a second node doubles the cost, and a tree
+    # of 4 costs what one of 2 does (row 0: 1.9 at 1 token, 1.2 at 2, 1.275 at 4).
+    assert spec.choose_cut(drafts, (1, 2, 4), (1.0, 2.0, 2.0)).tolist() == [0, 2, 0]
+
+
+def test_greedy_equals_autoregressive_with_a_cut_tree(llm, prompts):
+    tree = BeamConfig(3, 4, tree=True, cuts=(1, 2), node_cost=0.3)
+    oracle = CalibratedTreeDraft(CONFIG, tree)
+    got = run_spec(llm, llm, oracle, *prompts, max_new=14)
+    assert_same_tokens(got, autoregressive(llm, *prompts, 14))
+    calls, drafted = np.asarray(got.calls), np.asarray(got.drafted)
+    assert calls.sum() < drafted.sum() < 4 * calls.sum(), (calls, drafted)  # cut, not always
+    hist = np.asarray(got.accepted).sum(0)
+    assert hist[3] > 0, hist  # the whole tree's deepest path, where it was not cut
+    full = run_spec(llm, llm, OracleTreeDraft(CONFIG, BeamConfig(3, 4, tree=True)), *prompts,
+                    max_new=14)  # fmt: skip
+    assert np.asarray(full.drafted).tolist() == (4 * np.asarray(full.calls)).tolist()
+    # The untrained drafter with the lookup in place, cut where its probabilities say so.
+    draft = spec.LookupDraft(spec.BeamDraft(DRAFTER, tree), in_place=True)
+    draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
+    got = run_spec(llm, draft_params, draft, *prompts, max_new=12)
+    assert_same_tokens(got, autoregressive(llm, *prompts, 12))
+
+
 @pytest.fixture(scope="module")
 def small_llm():
     params = init_llm(SMALL, jax.random.key(5))
@@ -238,6 +318,23 @@ def test_speculative_sampling_with_a_best_first_tree_matches_the_target_law(smal
     counts, hist = sampled_counts(small_llm, accept.sampling_rule(HOT), draft, key=17,
                                   draft_params=draft_params)  # fmt: skip
     assert hist[1:].sum() > 0.1 * hist.sum(), hist
+    assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
+
+
+def test_speculative_sampling_with_a_cut_tree_matches_the_target_law(small_llm):
+    """Rows cut their trees to different sizes (`BeamConfig.cuts`) in one batch."""
+    config = DrafterConfig(hidden_size=16, vocab_size=8, exit_dim=16)
+    draft = spec.BeamDraft(config, BeamConfig(3, 2, tree=True, cuts=(1,), node_cost=0.5))
+    params = jax.tree.map(lambda x: 3.0 * x, init_drafter(config, jax.random.key(4)))
+    draft_params = (params, spec.target_embeddings(small_llm))
+    prompts = np.tile(PROMPT, (NUM_SAMPLES, 1))
+    got = run_spec(small_llm, draft_params, draft, prompts, np.full(NUM_SAMPLES, 3), 3, HOT,
+                   accept.sampling_rule(HOT), SMALL, key=23)  # fmt: skip
+    calls, drafted = np.asarray(got.calls).sum(), np.asarray(got.drafted).sum()
+    assert 1.1 * calls < drafted < 1.9 * calls, (calls, drafted)  # both sizes, often
+    toks = np.asarray(got.tokens)
+    counts = np.zeros((8, 8, 8))
+    np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
     assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
 
 
