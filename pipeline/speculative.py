@@ -87,6 +87,11 @@ class SampledDraft:
     beam: BeamConfig
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
 
+    def __post_init__(self):
+        if self.beam.cuts:  # the cuts keep a best-first tree's first paths; samples have no order
+            raise ValueError(f"SampledDraft: BeamConfig.cuts {self.beam.cuts} apply to "
+                             "best-first trees, not to sampled drafts")  # fmt: skip
+
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         params, target = draft_params
         s = self.sampling

@@ -58,7 +58,11 @@ def test_smollm2_default_tree_for_one_prompt_is_exact_and_accepts():
     m = r["metrics"]
     tree = config.single_beam
     assert (m["width"], m["length"], m["tree"]) == (tree.width, tree.length, True)
-    assert m["accepted_per_call"] > 1.5, m  # an untrained drafter stays near 1
+    assert m["cuts"] == list(tree.cuts) and len(m["cut_costs"]) == len(tree.cuts) + 1
+    # An untrained drafter stays near 1. The trained one is cut to sizes that depend on the
+    # machine's measured costs (down to 1 drafted token, at most 2 per call, on a CPU where
+    # trees are dear: 1.42 there, README), so the bound is one any of its cuts clears.
+    assert m["accepted_per_call"] > 1.3, m
 
 
 def test_bench_decode_interleaves_rounds_and_reports_medians(tmp_path):

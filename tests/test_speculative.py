@@ -278,6 +278,11 @@ def test_choose_cut_weighs_expected_tokens_against_the_tree_cost():
     assert spec.choose_cut(drafts, (1, 2, 4), (1.0, 2.0, 2.0)).tolist() == [0, 2, 0]
 
 
+def test_sampled_drafts_refuse_cuts():
+    with pytest.raises(ValueError, match="best-first"):
+        spec.SampledDraft(DRAFTER, BeamConfig(3, 4, tree=True, cuts=(2,)))
+
+
 def test_greedy_equals_autoregressive_with_a_cut_tree(llm, prompts):
     tree = BeamConfig(3, 4, tree=True, cuts=(1, 2), node_cost=0.3)
     oracle = CalibratedTreeDraft(CONFIG, tree)
