@@ -278,6 +278,27 @@ def test_choose_cut_weighs_expected_tokens_against_the_tree_cost():
     assert spec.choose_cut(drafts, (1, 2, 4), (1.0, 2.0, 2.0)).tolist() == [0, 2, 0]
 
 
+def test_a_sampled_row_with_a_cut_tree_does_not_depend_on_its_batch(llm, prompts):
+    """Each row cuts its own tree and draws one key per node (split, prefix-stable), so the
+    batch's larger cuts around it change nothing."""
+    tree = BeamConfig(3, 4, tree=True, cuts=(1, 2), node_cost=0.3)
+    draft = spec.BeamDraft(DRAFTER, tree)
+    params = jax.tree.map(lambda x: 3.0 * x, init_drafter(DRAFTER, jax.random.key(2)))
+    draft_params = (params, spec.target_embeddings(llm))
+    hot = SamplingConfig(temperature=1.0)
+    rule = accept.sampling_rule(hot)
+    toks, lengths = prompts
+    together = run_spec(llm, draft_params, draft, toks, lengths, 12, hot, rule, key=7)
+    drafted = np.asarray(together.drafted)
+    assert len(set((drafted / np.asarray(together.calls)).round(3))) > 1  # rows cut differently
+    for b in range(len(lengths)):
+        alone = run_spec(llm, draft_params, draft, toks[b : b + 1], lengths[b : b + 1], 12, hot,
+                         rule, key=7, row_ids=jnp.asarray([b]))  # fmt: skip
+        n = int(together.lengths[b])
+        assert int(alone.lengths[0]) == n
+        np.testing.assert_array_equal(alone.tokens[0, :n], together.tokens[b, :n])
+
+
 def test_sampled_drafts_refuse_cuts():
     with pytest.raises(ValueError, match="best-first"):
         spec.SampledDraft(DRAFTER, BeamConfig(3, 4, tree=True, cuts=(2,)))
