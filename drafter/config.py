@@ -95,9 +95,11 @@ class BeamConfig:
     lying on the target's path, which the drafter's path probability p estimates. So each step
     verifies, per row, the k in cuts + (L,) that maximises the expected tokens per cost,
     `(1 + p_1 + ... + p_k) / (1 + node_cost * k)` (a batch verifies its rows' largest k):
-    `node_cost` is one more tree node's verify cost as a fraction of a one-token step (about
-    0.06 for SmolLM2 fp32 on a 2-core CPU, README; near 0 where few-row matmuls cost what one
-    row does, as on a GPU). `costs`, when given, replaces that model: a step's cost at each of
+    `node_cost` is one more tree node's verify cost as a fraction of a one-token step (the
+    default 0.06 approximates the first CPU of README's Benchmarks, where a loop step grew by
+    1.2-1.6 ms a node from 5 to 9 nodes beside AR steps of about 20 ms; a second CPU there
+    needed about 0.3; near 0 where few-row matmuls cost what one row does, as on a GPU).
+    `costs`, when given, replaces that model: a step's cost at each of
     `verify_sizes` (any unit), as `pipeline.tree_costs` measures it on the machine at hand (the
     engine does so itself, `EngineConfig.calibrate_cuts`). Exact either way: the choice
     depends on the drafts alone.
@@ -174,7 +176,7 @@ class BeamConfig:
         `node_cost` of 0.1; ValueError naming the text otherwise."""
         shape, _, cost_text = text.lower().partition("@")
         body, *cut_texts = shape.split("/")
-        if cost_text or "@" in text:
+        if "@" in text:
             try:
                 node_cost = float(cost_text)
             except ValueError:
