@@ -104,9 +104,9 @@ class EngineConfig:
     # The drafter's head rows are held in both layouts regardless (`draft_params_for`).
     transposed_head: bool = True
     # A tree with cuts (`BeamConfig.cuts`) and no `costs` of its own gets them measured on this
-    # machine the first time it serves (`pipeline.tree_costs`: one layer and the head per size;
-    # 5-13 s for the default's 4 sizes on the second 2-core CPU of README's Benchmarks); False:
-    # its linear `node_cost` model.
+    # machine the first time it serves (`pipeline.tree_costs`: the model's forward per size plus
+    # one drafting call; 12 s for the default's 4 sizes on the third 2-core CPU of README's
+    # Benchmarks, compiles included); False: its linear `node_cost` model.
     calibrate_cuts: bool = True
 
     def __post_init__(self):

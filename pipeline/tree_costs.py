@@ -2,27 +2,30 @@
 
 A cut tree (`BeamConfig.cuts`) trades the drafted tokens it expects to gain against what a
 bigger verify step costs, and that cost depends on the hardware far more than on the model: on
-one 2-core CPU a 9-node SmolLM2 forward cost 1.6x a one-token step, on another 2.9x (README,
-Benchmarks); on a GPU little more than one. So the engine measures it once, with a probe that
-compiles in seconds: one decoder layer (the model's own first layer, run once and STACK times
-in a call, so the call's own dispatch cost cancels) and the output head at each node count,
-timed round-robin, and adds up `N x layer + head + drafting` per size. The 30
-layers of a real forward would take far longer to compile for each size.
+one 2-core CPU a 9-node SmolLM2 forward cost 1.6x a one-token step, on another 2.9x, on a third
+1.7x (README, Benchmarks); on a GPU little more than one. So the engine measures it once: the
+model's own forward at each node count, one prompt over an empty cache, timed round-robin,
+plus one drafting call. A SmolLM2 forward compiles in about 1.5 s a size (2-core CPU).
+
+An earlier probe timed one decoder layer and scaled it by the layer count. That misled: one
+layer's weights (14 MB for SmolLM2) stay in a 32 MB L3 cache between calls, while a real
+forward streams all 30 layers' weights from memory, so the probe priced one-token steps too
+cheap beside wide ones (27 against 42 ms for 2 and 9 nodes on the third CPU, where forward plus
+drafting take 40 and 48) and cut trees that ran faster uncut (1.69x AR against 1.78x).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.llm import LlamaConfig, decoder_layer, lm_logits, rope_tables
+from pipeline.llm import LlamaConfig, forward, init_cache, unstack_cache, unstack_layers
 
 # Timed rounds; each round times every size once, in turn, so drift hits all sizes alike.
-PROBE_ROUNDS = 25
+PROBE_ROUNDS = 15
 
 
 def _once_ms(fn, *args) -> float:
@@ -39,50 +42,24 @@ def _interleaved_ms(calls, rounds: int = PROBE_ROUNDS) -> list[float]:
     return [float(np.median(col)) for col in zip(*times, strict=True)]
 
 
-def _first_layer(params) -> dict:
-    layers = params["layers"]
-    if isinstance(layers, dict):  # stacked [N, ...]
-        return {name: w[0] for name, w in layers.items()}
-    return layers[0]
-
-
-# The probe runs the layer this many times in one call, and once: the difference over
-# (STACK - 1) is one layer's time without the call's own dispatch cost.
-STACK = 4
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _layers(config: LlamaConfig, reps: int, layer, x, cache_k, cache_v, positions, mask):
-    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
-    for _ in range(reps):
-        x = decoder_layer(config, layer, x, cache_k, cache_v, cos, sin, mask)[0]
-    return x
-
-
-@jax.jit
-def _head(params, hidden):
-    return lm_logits(params, hidden)
-
-
 def verify_ms(llm_params, config: LlamaConfig, nodes: tuple[int, ...], cache_slots: int = 256,
               rounds: int = PROBE_ROUNDS) -> tuple[float, ...]:  # fmt: skip
-    """Estimated ms of a one-prompt verify forward over each count of tree nodes in `nodes`:
-    `num_layers x` one layer's time plus the head's, over a cache of `cache_slots` slots."""
-    layer = _first_layer(llm_params)
-    head = {k: v for k, v in llm_params.items() if k != "layers"}
-    hkv, hd = config.num_kv_heads, config.head_dim
-    cache_k = jnp.zeros((hkv, hd, cache_slots), jnp.float32)
-    cache_v = jnp.zeros((hkv, cache_slots, hd), jnp.float32)
+    """ms of a one-prompt forward over each count of tree nodes in `nodes` (logits reduced to
+    their argmax, as a greedy verify reads them), over a cache of `cache_slots` slots."""
+    params = unstack_layers(llm_params)
+    cache = unstack_cache(init_cache(config, 1, cache_slots))
+
+    @jax.jit
+    def run(params, tokens, positions, cache, mask):
+        return jnp.argmax(forward(params, config, tokens, positions, cache, mask).logits, -1)
+
     calls = []
     for n in nodes:
-        x = jax.random.normal(jax.random.key(n), (n, config.hidden_size), jnp.float32)
-        positions = jnp.arange(cache_slots, cache_slots + n)
-        mask = jnp.ones((n, cache_slots + n), bool)
-        args = (layer, x, cache_k, cache_v, positions, mask)
-        calls += [(_layers, config, 1, *args), (_layers, config, STACK, *args), (_head, head, x)]
-    ms = np.asarray(_interleaved_ms(calls, rounds)).reshape(len(nodes), 3)
-    per_layer = np.maximum(ms[:, 1] - ms[:, 0], 0.0) / (STACK - 1)
-    return tuple(float(v) for v in config.num_layers * per_layer + ms[:, 2])
+        tokens = jnp.zeros((1, n), jnp.int32)
+        positions = jnp.arange(cache_slots, cache_slots + n)[None]
+        mask = jnp.ones((1, n, cache_slots + n), bool)
+        calls.append((run, params, tokens, positions, cache, mask))
+    return tuple(_interleaved_ms(calls, rounds))
 
 
 def draft_ms(draft_fn, draft_params, hidden_size: int, context: int = 64,
