@@ -248,6 +248,9 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "cut_costs": list(engine.beam_for(batch).step_costs()) if beam.cuts else None,
         "lookup": engine.config.lookup,
         "lookup_in_place": engine.config.lookup_in_place,
+        # ms of one row through the head from [V, D] and from [D, V], as the engine measured
+        # them (`EngineConfig.probe_head_layout`); the faster serves AR's one-row steps.
+        "head_one_row_ms": engine.head_one_row_ms,
         "prompts": sum(len(c) for c in chunks),
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,

@@ -103,6 +103,11 @@ class EngineConfig:
     # (5 rows of SmolLM2's head: 5.4 against 7.1 ms), at the cost of a second copy of the table.
     # The drafter's head rows are held in both layouts regardless (`draft_params_for`).
     transposed_head: bool = True
+    # With `transposed_head`: time one row through both layouts when the engine starts (about a
+    # second) and serve one-row steps from the faster. On one 2-core CPU the stored [V, D] table
+    # was faster (3.2 against 3.8 ms), on another (AMD Zen 4) the [D, V] copy (2.6 against 3.7
+    # ms; a whole one-token forward 26.4 against 27.3 ms). False: [V, D] for one row.
+    probe_head_layout: bool = True
     # A tree with cuts (`BeamConfig.cuts`) and no `costs` of its own gets them measured on this
     # machine the first time it serves (`pipeline.tree_costs`: the model's forward per size plus
     # one drafting call; 12 s for the default's 4 sizes on the third 2-core CPU of README's
@@ -156,8 +161,18 @@ class Engine:
         # 48-token answer on the 2-core CPU, ad-hoc); per-layer arrays are read in place. Memory:
         # a second copy while the caller keeps the stacked one.
         held = unstack_layers(llm_params)
-        self.llm_params = replicate(with_transposed_head(held) if config.transposed_head else held,
-                                    self.mesh)  # fmt: skip
+        # ms of one row through the head from the [V, D] table and from the [D, V] copy, when
+        # measured; the faster one serves one-row steps (AR decoding of one prompt).
+        self.head_one_row_ms: tuple[float, float] | None = None
+        if config.transposed_head:
+            one_row = False
+            if config.probe_head_layout:
+                from pipeline import tree_costs
+
+                self.head_one_row_ms = tree_costs.head_one_row_ms(held)
+                one_row = self.head_one_row_ms[1] < self.head_one_row_ms[0]
+            held = with_transposed_head(held, one_row=one_row)
+        self.llm_params = replicate(held, self.mesh)
         # The tied head's draft-vocabulary rows, gathered once here rather than on every step,
         # in two layouts: [K, D] for drafting one row (one prompt, one beam), [D, K] for several
         # (`with_draft_head`; `draft_params_for` picks).

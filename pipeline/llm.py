@@ -301,7 +301,7 @@ def unstack_layers(params) -> dict:
 TRANSPOSED_HEAD_MAX_ROWS = 16
 
 
-def with_transposed_head(params) -> dict:
+def with_transposed_head(params, one_row: bool = False) -> dict:
     """The same params plus `head_t`: the output table ([V, D], the untied `lm_head` or the
     embedding) as a separate, materialised `[D, V]` array.
 
@@ -313,16 +313,30 @@ def with_transposed_head(params) -> dict:
     decode step or prefill logits) and the stored table otherwise (one row, or many). The cost is a
     second copy of the table (113 MB for SmolLM2 in fp32). Call it once, outside jit (inside, XLA
     may fold the transpose back into the dot).
+
+    `one_row`: use `head_t` for one row too. Which layout wins one row depends on the CPU: on a
+    second one (AMD Zen 4) `[D, V]` took 2.6 against 3.7 ms, the opposite of the figures above,
+    so the engine measures it (`pipeline.tree_costs.head_one_row_ms`). It is recorded as the
+    empty marker `ONE_ROW_HEAD_T`, so that jit sees it in the params' structure.
     """
     table = params.get("lm_head", params["embed"])
-    return {**params, "head_t": jnp.transpose(table)}
+    out = {**params, "head_t": jnp.transpose(table)}
+    if one_row:
+        out[ONE_ROW_HEAD_T] = jnp.zeros((0,), F32)
+    return out
+
+
+# The key of `with_transposed_head(..., one_row=True)`'s marker: an empty array.
+ONE_ROW_HEAD_T = "head_t_one_row"
 
 
 def lm_logits(params, hidden):
     """[..., D] -> [..., V] fp32, through the untied head if there is one, else the embedding
-    (its `head_t` copy when there is one and `hidden` has 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows)."""
+    (its `head_t` copy when there is one and `hidden` has 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows,
+    or 1 to that many with the `ONE_ROW_HEAD_T` marker)."""
     rows = math.prod(hidden.shape[:-1])
-    if "head_t" in params and 1 < rows <= TRANSPOSED_HEAD_MAX_ROWS:
+    fewest = 1 if ONE_ROW_HEAD_T in params else 2
+    if "head_t" in params and fewest <= rows <= TRANSPOSED_HEAD_MAX_ROWS:
         table_t = params["head_t"]
         parts = _split(hidden, table_t.dtype)
         out = jnp.einsum("...pd,dv->...pv", parts, table_t, preferred_element_type=F32)

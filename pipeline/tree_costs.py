@@ -62,6 +62,19 @@ def verify_ms(llm_params, config: LlamaConfig, nodes: tuple[int, ...], cache_slo
     return tuple(_interleaved_ms(calls, rounds))
 
 
+def head_one_row_ms(llm_params, rounds: int = 25) -> tuple[float, float]:
+    """ms of one row through the output head (logits reduced to their argmax): from the stored
+    `[V, D]` table, and from its transposed `[D, V]` copy (`llm.with_transposed_head`). Which is
+    faster depends on the CPU (see there); AR decoding runs one such row a step."""
+    table = llm_params.get("lm_head", llm_params["embed"])
+    table_t = llm_params["head_t"] if "head_t" in llm_params else jnp.transpose(table)
+    hidden = jax.random.normal(jax.random.key(0), (1, table.shape[1]), jnp.float32)
+    stored = jax.jit(lambda x, w: jnp.argmax(jnp.einsum("td,vd->tv", x, w), -1))
+    transposed = jax.jit(lambda x, w: jnp.argmax(jnp.einsum("td,dv->tv", x, w), -1))
+    ms = _interleaved_ms([(stored, hidden, table), (transposed, hidden, table_t)], rounds)
+    return ms[0], ms[1]
+
+
 def draft_ms(draft_fn, draft_params, hidden_size: int, context: int = 64,
              rounds: int = PROBE_ROUNDS) -> float:  # fmt: skip
     """ms of one drafting call of `draft_fn` for one prompt (the same for every cut size)."""

@@ -13,7 +13,7 @@ from pipeline import speculative as spec
 from pipeline.drafter_io import target_embeddings
 from pipeline.engine import Engine, EngineConfig, row_metrics
 from pipeline.generate import generate
-from pipeline.llm import LlamaConfig
+from pipeline.llm import ONE_ROW_HEAD_T, LlamaConfig
 from pipeline.llm import init_params as init_llm
 from pipeline.prompts import PromptItem
 
@@ -167,7 +167,18 @@ def test_the_transposed_head_copy_changes_no_token():
     plain = dataclasses.replace(config, transposed_head=False)
     without = Engine.from_params(CONFIG, llm, config=plain, tokenizer=CharTokenizer())
     np.testing.assert_array_equal(with_copy.llm_params["head_t"], llm["lm_head"].T)
-    assert "head_t" not in without.llm_params
+    assert "head_t" not in without.llm_params and without.head_one_row_ms is None
+    # The one-row layout was timed here; the faster one serves one row (`probe_head_layout`).
+    stored_ms, transposed_ms = with_copy.head_one_row_ms
+    assert stored_ms > 0 and transposed_ms > 0
+    assert (ONE_ROW_HEAD_T in with_copy.llm_params) == (transposed_ms < stored_ms)
+    unprobed = dataclasses.replace(config, probe_head_layout=False)
+    fixed = Engine.from_params(CONFIG, llm, config=unprobed, tokenizer=CharTokenizer())
+    assert fixed.head_one_row_ms is None and ONE_ROW_HEAD_T not in fixed.llm_params
+    assert "head_t" in fixed.llm_params
+    assert [r["token_ids"] for r in fixed.generate(ITEMS)] == [
+        r["token_ids"] for r in without.generate(ITEMS)
+    ]
     assert [r["token_ids"] for r in with_copy.generate(ITEMS)] == [
         r["token_ids"] for r in without.generate(ITEMS)
     ]

@@ -384,6 +384,14 @@ def test_transposed_head_gives_the_same_logits(tied, dtype):
         hidden = jnp.asarray(rng.normal(size=(rows, cfg.hidden_size)), jnp.float32)
         zero = not np.asarray(llm.lm_logits(poisoned, hidden)).any()
         assert zero == reads_copy, rows
+    # `one_row=True` (a machine where [D, V] wins one row): one row reads the copy too, alike.
+    one = llm.with_transposed_head(params, one_row=True)
+    assert llm.ONE_ROW_HEAD_T in one and llm.ONE_ROW_HEAD_T not in held
+    hidden = jnp.asarray(rng.normal(size=(1, cfg.hidden_size)), jnp.float32)
+    want = np.asarray(llm.lm_logits(params, hidden))
+    np.testing.assert_allclose(np.asarray(llm.lm_logits(one, hidden)), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())  # fmt: skip
+    assert not np.asarray(llm.lm_logits({**one, "head_t": poisoned["head_t"]}, hidden)).any()
     tokens = rng.integers(0, cfg.vocab_size, size=(1, 7))
     a, b = run_fresh(params, cfg, tokens), run_fresh(held, cfg, tokens)
     np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5 * np.abs(a.logits).max())
