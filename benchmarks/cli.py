@@ -17,6 +17,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "drafter": ("benchmarks.drafter", "jitted beam search vs the machine's roofline bound"),
     "llm": ("benchmarks.llm", "target LLM prefill and decode throughput"),
+    "matmul": ("benchmarks.matmul", "the small-M CPU matmul kernel vs XLA's dot, per shape"),
     "decode": ("benchmarks.decode", "speculative vs plain decoding: tokens/s and acceptance"),
     "accept": ("benchmarks.accept", "the engine's tokens per LLM call on held-out prompts"),
     "cluster": ("benchmarks.cluster", "Ray workers: throughput as workers are added"),

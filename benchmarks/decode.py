@@ -112,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="target weights (activations and KV cache stay fp32)")  # fmt: skip
+    parser.add_argument("--matmul", choices=("auto", "kernel", "xla"), default="auto",
+                        help="few-row matmuls through the CPU kernel or XLA's dot (AR and spec "
+                             "alike; EngineConfig.matmul)")  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -251,6 +254,9 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         # ms of one row through the head from [V, D] and from [D, V], as the engine measured
         # them (`EngineConfig.probe_head_layout`); the faster serves AR's one-row steps.
         "head_one_row_ms": engine.head_one_row_ms,
+        # The target's few-row matmuls, AR's and spec's alike: "kernel" (`pipeline.kernels`) or
+        # "xla" (`EngineConfig.matmul`).
+        "matmul": engine.matmul,
         "prompts": sum(len(c) for c in chunks),
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,
@@ -300,7 +306,8 @@ def run(args: argparse.Namespace) -> dict:
             config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
                                   lookup_in_place=in_place,
                                   max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                  devices=args.devices, batch_size=batch)  # fmt: skip
+                                  matmul=args.matmul, devices=args.devices,
+                                  batch_size=batch)  # fmt: skip
             engines.append(
                 Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
             )
@@ -335,6 +342,7 @@ def run(args: argparse.Namespace) -> dict:
         ],  # fmt: skip
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
+        "matmul": args.matmul,
         "repeats": args.repeats,
         "accepted_per_call_counts_bonus_token": True,
         "results": results,

@@ -41,12 +41,20 @@ from drafter.drafting import NO_TOKEN
 from drafter.model import init_params as init_drafter
 from drafter.model import with_draft_head
 from drafter.sampling import SamplingConfig
+from pipeline import kernels
 from pipeline import speculative as spec
-from pipeline.llm import unstack_cache, unstack_layers, with_transposed_head
+from pipeline.llm import (
+    PACKED_LAYER_KEYS,
+    unstack_cache,
+    unstack_layers,
+    with_packed_weights,
+    with_transposed_head,
+)
 from pipeline.prompts import PromptItem
 from sharding import make_mesh, replicate, shard_jit
 
 DTYPES = ("float32", "bfloat16")  # what EngineConfig.dtype accepts
+MATMULS = ("auto", "kernel", "xla")  # what EngineConfig.matmul accepts
 PROMPT_WIDTH_MULTIPLE = 32  # prompts are padded to a multiple of this: few distinct compilations
 
 
@@ -113,6 +121,12 @@ class EngineConfig:
     # one drafting call; 12 s for the default's 4 sizes on the third 2-core CPU of README's
     # Benchmarks, compiles included); False: its linear `node_cost` model.
     calibrate_cuts: bool = True
+    # The target's few-row matmuls (decode and verify steps): "kernel" runs them through the
+    # small-M CPU kernel (`pipeline.kernels`, built with the machine's g++ on first use; every
+    # weight read once per call, a row's bits the same whatever rows share the call), "xla"
+    # through XLA's dot, "auto" the kernel where it applies (the CPU, fp32, one device, a compiler
+    # found) and XLA elsewhere, with a warning when only the compiler is missing.
+    matmul: str = "auto"
 
     def __post_init__(self):
         for name in ("max_new_tokens", "batch_size"):
@@ -122,6 +136,38 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.lookup must be an int >= 0, got {self.lookup!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.matmul not in MATMULS:
+            raise ValueError(f"EngineConfig.matmul must be one of {MATMULS}, got {self.matmul!r}")
+
+
+def _matmul_path(config: EngineConfig, params, devices: int) -> str:
+    """ "kernel" or "xla" for `EngineConfig.matmul` on these params and this many devices."""
+    if config.matmul == "xla":
+        return "xla"
+    table = params.get("lm_head", params["embed"])
+    dims_ok = table.shape[0] % kernels.PANEL == 0 and all(
+        w.shape[-1] % kernels.PANEL == 0 for k, w in params["layers"][0].items()
+        if k in PACKED_LAYER_KEYS
+    )  # fmt: skip
+    why = None
+    if config.dtype != "float32":
+        why = f"EngineConfig.dtype is {config.dtype} (the kernel is fp32)"
+    elif devices != 1:
+        why = f"the batch is sharded over {devices} devices (the kernel serves one)"
+    elif jax.default_backend() != "cpu":
+        why = f"the backend is {jax.default_backend()}"
+    elif not dims_ok:
+        why = f"a weight's output width is not a multiple of {kernels.PANEL}"
+    elif not kernels.available():
+        why = kernels.unavailable_reason()
+        if config.matmul == "auto":
+            warnings.warn(f"small-M matmul kernel unavailable, using XLA's dot: {why}",
+                          stacklevel=3)  # fmt: skip
+    if why is None:
+        return "kernel"
+    if config.matmul == "kernel":
+        raise ValueError(f"EngineConfig.matmul is 'kernel' but {why}")
+    return "xla"
 
 
 def row_id(item_id: str) -> int:
@@ -161,10 +207,13 @@ class Engine:
         # 48-token answer on the 2-core CPU, ad-hoc); per-layer arrays are read in place. Memory:
         # a second copy while the caller keeps the stacked one.
         held = unstack_layers(llm_params)
+        self.matmul = _matmul_path(config, held, self.mesh.size)
         # ms of one row through the head from the [V, D] table and from the [D, V] copy, when
         # measured; the faster one serves one-row steps (AR decoding of one prompt).
         self.head_one_row_ms: tuple[float, float] | None = None
-        if config.transposed_head:
+        if self.matmul == "kernel":
+            held = with_packed_weights(held)
+        elif config.transposed_head:
             one_row = False
             if config.probe_head_layout:
                 from pipeline import tree_costs
@@ -476,6 +525,7 @@ class Engine:
     def describe(self) -> dict:
         return {
             "devices": self.mesh.size,
+            "matmul": self.matmul,
             "drafter": self.drafter_source,
             "config": dataclasses.asdict(self.config),
         }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from drafter.config import BeamConfig
 from drafter.sampling import SamplingConfig
-from pipeline.engine import DTYPES, Engine, EngineConfig
+from pipeline.engine import DTYPES, MATMULS, Engine, EngineConfig
 
 DEFAULTS = EngineConfig()
 
@@ -66,6 +66,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
                    help="target weights (the KV cache stays fp32); bfloat16 halves their memory, "
                         "greedy output stays exactly AR's (README)")  # fmt: skip
+    g.add_argument("--matmul", choices=MATMULS, default=DEFAULTS.matmul,
+                   help="the target's few-row matmuls: the small-M CPU kernel (built with g++ on "
+                        "first use), XLA's dot, or auto: the kernel where it applies")  # fmt: skip
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -103,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         batch_size=args.batch_size,
         seed=args.seed,
         dtype=args.dtype,
+        matmul=args.matmul,
     )
 
 

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pipeline import kernels
+
 F32 = jnp.float32
 # Finite, so a query whose every column is masked gets a uniform (not NaN) distribution.
 MASKED = -1e30
@@ -224,7 +226,10 @@ def _split(x, dtype):
 
 def _dense(x, w):
     """[..., I] fp32, [I, O] -> [..., O] fp32: the activations `_split` to the weight's dtype,
-    fp32 accumulation."""
+    fp32 accumulation; a `kernels.PackedWeight` goes through `kernels.matmul` (the small-M CPU
+    kernel for few rows)."""
+    if isinstance(w, kernels.PackedWeight):
+        return kernels.matmul(x, w)
     return jnp.dot(_split(x, w.dtype), w, preferred_element_type=F32).sum(axis=-2)
 
 
@@ -268,15 +273,25 @@ def decoder_layer(config: LlamaConfig, layer: dict, x, cache_k, cache_v, cos, si
     t = x.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
     h = rms_norm(x, layer["attn_norm"], eps)
-    q = apply_rope(_dense(h, layer["wq"]).reshape(t, config.num_heads, hd), cos, sin)
-    k = apply_rope(_dense(h, layer["wk"]).reshape(t, config.num_kv_heads, hd), cos, sin)
-    v = _dense(h, layer["wv"]).reshape(t, config.num_kv_heads, hd)
+    if "wqkv" in layer:  # `with_packed_weights`: one product for q, k and v
+        nq, nk = config.num_heads * hd, config.num_kv_heads * hd
+        qkv = _dense(h, layer["wqkv"])
+        q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
+    else:
+        q, k, v = (_dense(h, layer[name]) for name in ("wq", "wk", "wv"))
+    q = apply_rope(q.reshape(t, config.num_heads, hd), cos, sin)
+    k = apply_rope(k.reshape(t, config.num_kv_heads, hd), cos, sin)
+    v = v.reshape(t, config.num_kv_heads, hd)
     # Round the new keys/values to the cache dtype now, so attending to them here and later
     # from the cache gives identical results.
     k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
     x = x + _dense(attention(q, k, v, cache_k, cache_v, mask), layer["wo"])
     h = rms_norm(x, layer["mlp_norm"], eps)
-    gated = jax.nn.silu(_dense(h, layer["w_gate"])) * _dense(h, layer["w_up"])
+    if "w_gate_up" in layer:
+        gate, up = jnp.split(_dense(h, layer["w_gate_up"]), 2, axis=-1)
+    else:
+        gate, up = _dense(h, layer["w_gate"]), _dense(h, layer["w_up"])
+    gated = jax.nn.silu(gate) * up
     return x + _dense(gated, layer["w_down"]), k, v
 
 
@@ -332,9 +347,12 @@ ONE_ROW_HEAD_T = "head_t_one_row"
 
 def lm_logits(params, hidden):
     """[..., D] -> [..., V] fp32, through the untied head if there is one, else the embedding
-    (its `head_t` copy when there is one and `hidden` has 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows,
+    (`HEAD_PACKED`, see `with_packed_weights`, for up to `kernels.KERNEL_MAX_ROWS` rows; else its
+    `head_t` copy when there is one and `hidden` has 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows,
     or 1 to that many with the `ONE_ROW_HEAD_T` marker)."""
     rows = math.prod(hidden.shape[:-1])
+    if HEAD_PACKED in params and rows <= kernels.KERNEL_MAX_ROWS:
+        return kernels.matmul(hidden, params[HEAD_PACKED], rows)
     fewest = 1 if ONE_ROW_HEAD_T in params else 2
     if "head_t" in params and fewest <= rows <= TRANSPOSED_HEAD_MAX_ROWS:
         table_t = params["head_t"]
@@ -344,6 +362,44 @@ def lm_logits(params, hidden):
     table = params.get("lm_head", params["embed"])
     parts = _split(hidden, table.dtype)
     return jnp.einsum("...pd,vd->...pv", parts, table, preferred_element_type=F32).sum(axis=-2)
+
+
+# The key of `with_packed_weights`' packed output table.
+HEAD_PACKED = "head_packed"
+PACKED_LAYER_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def with_packed_weights(params) -> dict:
+    """The same params (fp32, layers unstacked: `unstack_layers`) with every layer matrix held as
+    a `kernels.PackedWeight` (q, k and v concatenated as `wqkv`, gate and up as `w_gate_up`)
+    and the output table added packed as `HEAD_PACKED` ([D, V], in place of any `head_t` copy),
+    so a few-row forward runs its matmuls through the small-M CPU kernel (`pipeline.kernels`).
+    Memory: the head a second time (113 MB for SmolLM2), as `head_t`. Call it once, outside
+    jit."""
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        raise ValueError("with_packed_weights: unstack the layers first (unstack_layers)")
+    table = params.get("lm_head", params["embed"])
+    for name, w in [("head", table), *((k, layers[0][k]) for k in PACKED_LAYER_KEYS)]:
+        if w.dtype != jnp.float32:
+            raise ValueError(f"with_packed_weights: fp32 weights only, {name} is {w.dtype}")
+
+    def packed(layer, *names):
+        return kernels.PackedWeight(kernels.pack(jnp.concatenate([layer[n] for n in names], 1)))
+
+    def pack_layer(layer):
+        out = {k: w for k, w in layer.items() if k not in PACKED_LAYER_KEYS}
+        # q, k, v in one product and gate, up in another: fewer, wider calls (each column's sum
+        # is the same as in a product of its own).
+        out["wqkv"] = packed(layer, "wq", "wk", "wv")
+        out["w_gate_up"] = packed(layer, "w_gate", "w_up")
+        out["wo"], out["w_down"] = packed(layer, "wo"), packed(layer, "w_down")
+        return out
+
+    out = {k: v for k, v in params.items() if k not in ("head_t", ONE_ROW_HEAD_T)}
+    out["layers"] = tuple(pack_layer(layer) for layer in layers)
+    out[HEAD_PACKED] = kernels.PackedWeight(kernels.pack(jnp.transpose(table)))
+    return out
 
 
 def forward_hidden(params, config: LlamaConfig, tokens, positions, cache: KVCache, mask):

@@ -1,0 +1,187 @@
+"""A small-M fp32 matmul for XLA:CPU (`small_matmul.cc`), built on first use and called through
+the XLA FFI, with XLA's own dot as the fallback.
+
+A decode step multiplies a handful of rows (one token, or a verify tree's nodes) by each weight
+matrix. There the time is the weight read, and XLA:CPU's dot for 2-16 rows took about twice one
+weight pass (README, Benchmarks). The kernel reads each packed weight once per call for any
+number of rows, and gives every row the same bits whatever rows it is multiplied with.
+
+Weights are held packed (`PackedWeight`: `[N/32, K, 32]`, 32-column panels contiguous over
+`K`) and `matmul` dispatches: up to `KERNEL_MAX_ROWS` rows through the kernel, more through XLA
+on the same packed array (prefill, big batches). The kernel is compiled with the machine's C++
+compiler (`-march=native`) into `~/.cache/specdraft/kernels/<hash>/`, keyed by the source, the
+compiler, the CPU and jaxlib; without a compiler `available()` is False with the reason in
+`unavailable_reason()`, and callers keep XLA's dot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+PANEL = 32  # columns per packed panel: `NR` in small_matmul.cc
+TARGET = "specdraft_small_matmul"
+SOURCE = Path(__file__).with_name("small_matmul.cc")
+# Rows (the product of x's leading dims) the kernel serves; more go to XLA. Decode steps and
+# verify trees are far below; prefill is far above.
+KERNEL_MAX_ROWS = 32
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("SPECDRAFT_CACHE") or os.path.join(Path.home(), ".cache", "specdraft")
+    return Path(base) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build(cxx: str) -> Path:
+    import jaxlib
+
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cxx.encode(), _cpu_signature().encode(),
+                 jaxlib.__version__.encode()):  # fmt: skip
+        key.update(part)
+        key.update(b"\0")
+    out_dir = _cache_root() / key.hexdigest()[:16]
+    lib = out_dir / "libsmall_matmul.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # One build per machine at a time (Ray workers start together); the others wait and reuse it.
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+        os.close(fd)
+        cmd = [cxx, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
+               "-fPIC", f"-I{include}", str(SOURCE), "-o", tmp]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr}")
+        os.replace(tmp, lib)
+    return lib
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if jax.default_backend() != "cpu":
+        return None, f"the default backend is {jax.default_backend()}, not the CPU"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler (g++ or $CXX) on PATH"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+    except (RuntimeError, OSError) as err:
+        return None, str(err)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
+    return lib, ""
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it now if needed) and registered with XLA."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+def tile() -> tuple[int, int]:
+    """(vector width in floats, register-tile rows) the build uses, from the compiled library."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
+    code = lib.small_matmul_tile()
+    return code // 1000, code % 1000
+
+
+def pack(w) -> jax.Array:
+    """[K, N] -> [N/32, K, 32]: 32-column panels, each contiguous over K."""
+    k, n = w.shape
+    if n % PANEL:
+        raise ValueError(f"pack: N = {n} columns is not a multiple of {PANEL}")
+    return jnp.transpose(jnp.asarray(w, F32).reshape(k, n // PANEL, PANEL), (1, 0, 2))
+
+
+def unpack(packed) -> jax.Array:
+    """[N/32, K, 32] -> [K, N]."""
+    p, k, c = packed.shape
+    return jnp.transpose(packed, (1, 0, 2)).reshape(k, p * c)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A [K, N] fp32 weight held as `pack(w)` for `matmul`. A pytree (the packed array is its one
+    leaf), so it sits in params dicts, jit arguments and `jax.device_put` like an array."""
+
+    packed: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        p, k, c = self.packed.shape
+        return k, p * c
+
+    @property
+    def dtype(self):
+        return self.packed.dtype
+
+
+def kernel_matmul(x, packed):
+    """[..., K] fp32 @ packed [N/32, K, 32] -> [..., N] fp32 through the FFI kernel (it must be
+    `available()`). Under vmap the kernel sees all rows at once (x batched, the weight not)."""
+    if not available():
+        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
+    p, k, c = packed.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"kernel_matmul: x has {x.shape[-1]} features, the weight {k}")
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (p * c,), F32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
+    return call(x.astype(F32), packed)
+
+
+def xla_matmul(x, packed):
+    """The same product through XLA's dot on the packed layout (many rows: prefill)."""
+    p, k, c = packed.shape
+    out = jnp.einsum("...k,pkc->...pc", x.astype(F32), packed, preferred_element_type=F32)
+    return out.reshape(x.shape[:-1] + (p * c,))
+
+
+def matmul(x, w: PackedWeight, rows: int | None = None):
+    """[..., K] fp32 @ `w` -> [..., N] fp32: the kernel for up to `KERNEL_MAX_ROWS` rows (`rows`,
+    the rows of one call including any vmapped axes; default the product of x's leading dims),
+    XLA's dot otherwise."""
+    if rows is None:
+        rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if rows <= KERNEL_MAX_ROWS and available():
+        return kernel_matmul(x, w.packed)
+    return xla_matmul(x, w.packed)

@@ -1,0 +1,200 @@
+"""pipeline.kernels: the small-M CPU matmul kernel (built with the machine's g++ here), its
+packing, its dispatch in the model, and the engine's choice of it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drafter.config import BeamConfig
+from drafter.sampling import SamplingConfig
+from pipeline import kernels
+from pipeline.engine import Engine, EngineConfig
+from pipeline.generate import generate
+from pipeline.llm import (
+    HEAD_PACKED,
+    LlamaConfig,
+    forward,
+    init_cache,
+    unstack_cache,
+    unstack_layers,
+    with_packed_weights,
+)
+from pipeline.llm import init_params as init_llm
+from pipeline.prompts import PromptItem
+
+GREEDY = SamplingConfig()
+
+# Every output width a multiple of the kernel's 32-column panel: q 64, k/v 32, MLP 128, vocab 64.
+CONFIG = LlamaConfig(64, 64, 128, 2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     tie_word_embeddings=True, eos_token_ids=(2,))  # fmt: skip
+
+
+class CharTokenizer:
+    """Characters -> ids 4..63; enough of the Tokenizer interface for the engine."""
+
+    def encode_chat(self, messages):
+        return [4 + ord(c) % 60 for m in messages for c in m["content"]]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def test_the_kernel_builds_on_this_machine():
+    # CI's machines have g++: a missing kernel here is a failure, not a skip.
+    assert kernels.available(), kernels.unavailable_reason()
+    vector, rows = kernels.tile()
+    assert vector in (4, 8, 16) and rows >= 1
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (5, 100, 96), (9, 576, 192), (13, 40, 64),
+                                   (40, 33, 128)])  # fmt: skip
+def test_kernel_matches_a_float64_product(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    got = np.asarray(jax.jit(kernels.kernel_matmul)(x, kernels.pack(w)))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(kernels.unpack(kernels.pack(w)), w)
+
+
+def test_a_row_gets_the_same_bits_alone_or_with_other_rows():
+    """What makes a one-token step and a verify tree agree exactly: one row's result does not
+    depend on the rows beside it (any row tile, any count)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((27, 576), dtype=np.float32)
+    w = kernels.pack(rng.standard_normal((576, 192), dtype=np.float32))
+    run = jax.jit(kernels.kernel_matmul)
+    together = np.asarray(run(x, w))
+    for lo, hi in [(0, 1), (3, 4), (5, 14), (0, 12), (12, 27), (26, 27)]:
+        np.testing.assert_array_equal(np.asarray(run(x[lo:hi], w)), together[lo:hi])
+
+
+def test_leading_dims_and_vmap_see_one_weight():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, 64), dtype=np.float32)
+    w = rng.standard_normal((64, 96), dtype=np.float32)
+    p = kernels.pack(w)
+    want = np.asarray(jax.jit(kernels.kernel_matmul)(x.reshape(12, 64), p)).reshape(4, 3, 96)
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.kernel_matmul)(x, p)), want)
+    vmapped = jax.jit(jax.vmap(kernels.kernel_matmul, in_axes=(0, None)))(x, p)
+    np.testing.assert_array_equal(np.asarray(vmapped), want)
+    # Batched weights are not what the kernel serves: XLA reports its error.
+    with pytest.raises(Exception, match="one weight per call"):
+        jax.block_until_ready(jax.vmap(kernels.kernel_matmul)(x, jnp.stack([p] * 4)))
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        kernels.pack(jnp.zeros((8, 40)))
+    with pytest.raises(ValueError, match="x has 10 features, the weight 64"):
+        kernels.kernel_matmul(jnp.zeros((2, 10)), kernels.pack(jnp.zeros((64, 32))))
+
+
+def test_matmul_dispatches_by_rows():
+    rng = np.random.default_rng(3)
+    w = kernels.PackedWeight(kernels.pack(rng.standard_normal((64, 64), dtype=np.float32)))
+    assert w.shape == (64, 64)
+    few = jax.make_jaxpr(lambda x: kernels.matmul(x, w))(jnp.zeros((4, 64)))
+    many = jax.make_jaxpr(lambda x: kernels.matmul(x, w))(jnp.zeros((100, 64)))
+    assert "ffi_call" in str(few) and "ffi_call" not in str(many)
+    x = rng.standard_normal((100, 64), dtype=np.float32)
+    np.testing.assert_allclose(kernels.matmul(x[:4], w), kernels.matmul(x, w)[:4], atol=1e-4)
+
+
+def test_a_packed_forward_equals_the_plain_one():
+    params = unstack_layers(init_llm(CONFIG, jax.random.key(0)))
+    packed = with_packed_weights(params)
+    assert isinstance(packed["layers"][0]["wqkv"], kernels.PackedWeight)
+    assert HEAD_PACKED in packed and "head_t" not in packed
+    cache = unstack_cache(init_cache(CONFIG, 2, 16))
+    tokens = jnp.array([[5, 9, 3], [7, 1, 4]])
+    positions = jnp.broadcast_to(jnp.arange(3), (2, 3))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((3, 3), bool)), (2, 3, 3))
+    mask = jnp.concatenate([jnp.zeros((2, 3, 16), bool), mask], axis=-1)
+    run = jax.jit(lambda p, c: forward(p, CONFIG, tokens, positions, c, mask).logits)
+    np.testing.assert_allclose(run(packed, cache), run(params, cache), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fp32 weights only"):
+        with_packed_weights(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+    with pytest.raises(ValueError, match="unstack the layers"):
+        with_packed_weights(init_llm(CONFIG, jax.random.key(0)))
+
+
+ITEMS = [PromptItem(id="a", prompt="hello there"), PromptItem(id="b", prompt="hi"),
+         PromptItem(id="c", prompt="a longer question?")]  # fmt: skip
+
+
+WIDE = BeamConfig(3, 2)
+
+
+def _engine(matmul, devices=1, beam=WIDE, batch_size=3):
+    config = EngineConfig(beam=beam, single_beam=None, max_new_tokens=12, devices=devices,
+                          batch_size=batch_size, time_phases=False, matmul=matmul)  # fmt: skip
+    llm = init_llm(CONFIG, jax.random.key(0))
+    return Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+
+
+def test_the_engine_uses_the_kernel_on_one_cpu_device_and_stays_exact():
+    eng = _engine("auto")
+    assert eng.matmul == "kernel" and eng.describe()["matmul"] == "kernel"
+    assert isinstance(eng.llm_params["layers"][0]["w_gate_up"], kernels.PackedWeight)
+    results = eng.generate(ITEMS)
+    toks, lengths = eng._batch([eng.encode(item) for item in ITEMS])
+    want = generate(eng.llm_params, CONFIG, toks, lengths, GREEDY, jax.random.key(0), 12)
+    for i, r in enumerate(results):
+        assert r["token_ids"] == [int(t) for t in want.tokens[i, : want.lengths[i]]]
+    # A best-first tree for one prompt, row by row against the kernel's own AR decoding.
+    tree = _engine("kernel", beam=BeamConfig(3, 4, tree=True), batch_size=1)
+    for item in ITEMS:
+        got = tree.generate([item])[0]["token_ids"]
+        toks, lengths = tree._batch([tree.encode(item)])
+        ar = generate(tree.llm_params, CONFIG, toks, lengths, GREEDY, jax.random.key(0), 12)
+        assert got == [int(t) for t in ar.tokens[0, : ar.lengths[0]]]
+    # XLA's dot gives the same tokens on this model.
+    xla = _engine("xla")
+    assert xla.matmul == "xla" and "head_t" in xla.llm_params
+    assert [r["token_ids"] for r in xla.generate(ITEMS)] == [r["token_ids"] for r in results]
+
+
+def test_the_kernel_is_not_used_where_it_does_not_apply():
+    assert _engine("auto", devices=2).matmul == "xla"
+    with pytest.raises(ValueError, match="matmul is 'kernel' but the batch is sharded over 2"):
+        _engine("kernel", devices=2)
+    with pytest.raises(ValueError, match="EngineConfig.matmul must be one of"):
+        EngineConfig(matmul="fast")
+
+
+def test_without_a_compiler_auto_falls_back_to_xla_with_a_warning(tmp_path):
+    """A fresh process (the kernel's load is cached per process) with a compiler that does not
+    exist and an empty kernel cache."""
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import jax
+        from pipeline import kernels
+        from pipeline.engine import Engine, EngineConfig
+        from pipeline.llm import init_params
+        from test_kernels import CONFIG
+        assert not kernels.available()
+        print("REASON", kernels.unavailable_reason())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eng = Engine.from_params(CONFIG, init_params(CONFIG, jax.random.key(0)),
+                                     config=EngineConfig(devices=1, time_phases=False))
+        print("PATH", eng.matmul)
+        print("WARNED", any("kernel unavailable" in str(w.message) for w in caught))
+    """)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "SPECDRAFT_CACHE": str(tmp_path),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no-such-g++" in done.stdout
+    assert "PATH xla" in done.stdout and "WARNED True" in done.stdout
