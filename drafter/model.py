@@ -156,7 +156,11 @@ def to_target_ids(target: TargetEmbeddings, draft_ids):
 
 
 def dense(x, w):
-    """[..., in], [out, in] -> [..., out]: x @ w.T without materialising the transpose."""
+    """[..., in], [out, in] -> [..., out]: x @ w.T without materialising the transpose. A
+    callable `w` (a weight the caller holds in its own layout, e.g. `pipeline.kernels`'
+    `PackedWeight` of w.T) applies itself: `w(x)`."""
+    if callable(w):
+        return w(x)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
@@ -217,7 +221,7 @@ def head_product(params: dict, config: DrafterConfig, target: TargetEmbeddings):
     draft_head_t` when the target holds the transposed rows. Call it once per drafting call."""
     if target.draft_head_t is not None:
         table_t = target.draft_head_t
-        return lambda x: jnp.dot(x, table_t)
+        return table_t if callable(table_t) else (lambda x: jnp.dot(x, table_t))
     head = head_weights(params, config, target)
     return lambda x: dense(x, head)
 

@@ -170,6 +170,17 @@ def _matmul_path(config: EngineConfig, params, devices: int) -> str:
     return "xla"
 
 
+def _packed_drafter(params):
+    """The drafter's [out, in] matrices as `kernels.PackedWeight`s (where out fits the kernel's
+    panels); biases and everything else as they are."""
+
+    def pack(w):
+        fits = w.ndim == 2 and w.dtype == jnp.float32 and w.shape[0] % kernels.PANEL == 0
+        return kernels.pack_rows(w) if fits else w
+
+    return jax.tree.map(pack, params)
+
+
 def row_id(item_id: str) -> int:
     """A stable per-prompt id for its PRNG stream (independent of batch position)."""
     return zlib.crc32(item_id.encode()) & 0x7FFFFFFF
@@ -226,13 +237,25 @@ class Engine:
         # in two layouts: [K, D] for drafting one row (one prompt, one beam), [D, K] for several
         # (`with_draft_head`; `draft_params_for` picks).
         target = target_embeddings(llm_params, drafter_config, vocab_map)
-        self.draft_params = replicate((drafter_params, with_draft_head(drafter_config, target)),
-                                      self.mesh)  # fmt: skip
-        wide = with_draft_head(drafter_config, target, transposed=True)
-        # Nothing to gather (an own head, or no reduced vocabulary): one layout serves all.
-        self._draft_params_rows = (
-            self.draft_params if wide is target else replicate((drafter_params, wide), self.mesh)
-        )
+        if self.matmul == "kernel":
+            # The drafter's matrices and its head rows through the kernel too: one packed form
+            # serves any number of rows (its layers apply a callable weight: `drafter.model.dense`).
+            wide = with_draft_head(drafter_config, target, transposed=True)
+            if wide.draft_head_t is not None:
+                wide = wide._replace(draft_head_t=kernels.pack_rows(wide.draft_head_t.T))
+            packed = (_packed_drafter(drafter_params), wide)
+            self.draft_params = self._draft_params_rows = replicate(packed, self.mesh)
+        else:
+            self.draft_params = replicate(
+                (drafter_params, with_draft_head(drafter_config, target)), self.mesh
+            )
+            wide = with_draft_head(drafter_config, target, transposed=True)
+            # Nothing to gather (an own head, or no reduced vocabulary): one layout serves all.
+            self._draft_params_rows = (
+                self.draft_params
+                if wide is target
+                else replicate((drafter_params, wide), self.mesh)
+            )
         self.drafter_config = drafter_config  # draft functions per tree: `draft_fns`
         self.rule = spec.default_rule(config.sampling)
         self._generate = shard_jit(

@@ -145,6 +145,9 @@ def test_the_engine_uses_the_kernel_on_one_cpu_device_and_stays_exact():
     eng = _engine("auto")
     assert eng.matmul == "kernel" and eng.describe()["matmul"] == "kernel"
     assert isinstance(eng.llm_params["layers"][0]["w_gate_up"], kernels.PackedWeight)
+    drafter_params, _ = eng.draft_params
+    assert isinstance(drafter_params["rnn"]["u"], kernels.PackedWeight)
+    assert eng.draft_params_for(1, WIDE) is eng.draft_params_for(3, WIDE)
     results = eng.generate(ITEMS)
     toks, lengths = eng._batch([eng.encode(item) for item in ITEMS])
     want = generate(eng.llm_params, CONFIG, toks, lengths, GREEDY, jax.random.key(0), 12)

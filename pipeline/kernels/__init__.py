@@ -146,6 +146,10 @@ class PackedWeight:
 
     packed: jax.Array
 
+    def __call__(self, x):
+        """x @ W: how a layer that takes weights as arguments (the drafter's `dense`) applies it."""
+        return matmul(x, self)
+
     @property
     def shape(self) -> tuple[int, int]:
         p, k, c = self.packed.shape
@@ -185,3 +189,9 @@ def matmul(x, w: PackedWeight, rows: int | None = None):
     if rows <= KERNEL_MAX_ROWS and available():
         return kernel_matmul(x, w.packed)
     return xla_matmul(x, w.packed)
+
+
+def pack_rows(w) -> PackedWeight:
+    """A [out, in] weight (torch's `Linear.weight` layout, the drafter's) as the `PackedWeight`
+    of its transpose: calling it gives x @ w.T."""
+    return PackedWeight(pack(jnp.transpose(w)))
