@@ -369,13 +369,14 @@ HEAD_PACKED = "head_packed"
 PACKED_LAYER_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
-def with_packed_weights(params) -> dict:
+def with_packed_weights(params, keep_plain: bool = True) -> dict:
     """The same params (fp32, layers unstacked: `unstack_layers`) with every layer matrix held as
     a `kernels.PackedWeight` (q, k and v concatenated as `wqkv`, gate and up as `w_gate_up`)
     and the output table added packed as `HEAD_PACKED` ([D, V], in place of any `head_t` copy),
     so a few-row forward runs its matmuls through the small-M CPU kernel (`pipeline.kernels`).
-    Memory: the head a second time (113 MB for SmolLM2), as `head_t`. Call it once, outside
-    jit."""
+    Memory: the head a second time (113 MB for SmolLM2), as `head_t`, and with `keep_plain`
+    each layer matrix twice, packed and as it was, for prefill, where XLA's dot on the plain
+    layout is faster (`kernels.matmul`; 425 MB more for SmolLM2). Call it once, outside jit."""
     layers = params["layers"]
     if isinstance(layers, dict):
         raise ValueError("with_packed_weights: unstack the layers first (unstack_layers)")
@@ -385,7 +386,8 @@ def with_packed_weights(params) -> dict:
             raise ValueError(f"with_packed_weights: fp32 weights only, {name} is {w.dtype}")
 
     def packed(layer, *names):
-        return kernels.PackedWeight(kernels.pack(jnp.concatenate([layer[n] for n in names], 1)))
+        w = jnp.concatenate([layer[n] for n in names], 1)
+        return kernels.PackedWeight(kernels.pack(w), w if keep_plain else None)
 
     def pack_layer(layer):
         out = {k: w for k, w in layer.items() if k not in PACKED_LAYER_KEYS}

@@ -102,11 +102,18 @@ def test_matmul_dispatches_by_rows():
     rng = np.random.default_rng(3)
     w = kernels.PackedWeight(kernels.pack(rng.standard_normal((64, 64), dtype=np.float32)))
     assert w.shape == (64, 64)
-    few = jax.make_jaxpr(lambda x: kernels.matmul(x, w))(jnp.zeros((4, 64)))
-    many = jax.make_jaxpr(lambda x: kernels.matmul(x, w))(jnp.zeros((100, 64)))
-    assert "ffi_call" in str(few) and "ffi_call" not in str(many)
+    both = kernels.PackedWeight(w.packed, kernels.unpack(w.packed))
+
+    def jaxpr(weight, rows):
+        return str(jax.make_jaxpr(lambda x: kernels.matmul(x, weight))(jnp.zeros((rows, 64))))
+
+    # Few rows: the kernel; many: XLA's dot on the plain copy when there is one, else the kernel.
+    assert "ffi_call" in jaxpr(both, 4) and "ffi_call" not in jaxpr(both, 100)
+    assert "ffi_call" in jaxpr(w, 100)
     x = rng.standard_normal((100, 64), dtype=np.float32)
-    np.testing.assert_allclose(kernels.matmul(x[:4], w), kernels.matmul(x, w)[:4], atol=1e-4)
+    np.testing.assert_allclose(kernels.matmul(x[:4], both), kernels.matmul(x, both)[:4],
+                               atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(kernels.matmul(x, w), kernels.matmul(x, both), atol=1e-4)
 
 
 def test_a_packed_forward_equals_the_plain_one():
