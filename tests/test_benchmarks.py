@@ -69,3 +69,20 @@ def test_bench_drafter_writes_json(tmp_path):
     for r in doc["results"]:
         assert r["median_ms"] > 0 and r["bound_ms"] > 0
         assert r["ratio"] == pytest.approx(r["median_ms"] / r["bound_ms"], rel=1e-2)
+
+
+def test_bench_matmul_writes_json(tmp_path):
+    out = tmp_path / "matmul.json"
+    argv = ["bench", "matmul", "--shapes", "wk", "--rows", "1", "9", "--rounds", "2",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert [(r["shape"], r["rows"]) for r in doc["results"]] == [("wk", 1), ("wk", 9)]
+    for r in doc["results"]:
+        assert r["xla_ms"] > 0 and r["kernel_ms"] > 0
+        assert r["xla_over_kernel"] == pytest.approx(r["xla_ms"] / r["kernel_ms"])
+        assert r["weight_pass_ms"] == min(doc["results"][0]["xla_ms"],
+                                          doc["results"][0]["kernel_ms"])  # fmt: skip
+    assert doc["kernel_tile"]["vector_floats"] in (4, 8, 16)
