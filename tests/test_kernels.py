@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_engine import CharTokenizer  # ids 4..31, inside this model's 64
 
 from drafter.config import BeamConfig
 from drafter.sampling import SamplingConfig
@@ -33,16 +34,6 @@ GREEDY = SamplingConfig()
 # Every output width a multiple of the kernel's 32-column panel: q 64, k/v 32, MLP 128, vocab 64.
 CONFIG = LlamaConfig(64, 64, 128, 2, num_heads=4, num_kv_heads=2, head_dim=16,
                      tie_word_embeddings=True, eos_token_ids=(2,))  # fmt: skip
-
-
-class CharTokenizer:
-    """Characters -> ids 4..63; enough of the Tokenizer interface for the engine."""
-
-    def encode_chat(self, messages):
-        return [4 + ord(c) % 60 for m in messages for c in m["content"]]
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids)
 
 
 def test_the_kernel_builds_on_this_machine():
