@@ -115,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matmul", choices=("auto", "kernel", "xla"), default="auto",
                         help="few-row matmuls through the CPU kernel or XLA's dot (AR and spec "
                              "alike; EngineConfig.matmul)")  # fmt: skip
+    parser.add_argument("--draft-head-dtype", nargs="+", choices=("float32", "bfloat16"),
+                        default=["bfloat16"], metavar="DTYPE",
+                        help="with the kernel, the drafter's head rows in each of these dtypes, "
+                             "each its own case (EngineConfig.draft_head_dtype)")  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -257,6 +261,11 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         # The target's few-row matmuls, AR's and spec's alike: "kernel" (`pipeline.kernels`) or
         # "xla" (`EngineConfig.matmul`).
         "matmul": engine.matmul,
+        # The drafter's head rows as the kernel reads them (`EngineConfig.draft_head_dtype`);
+        # XLA's path keeps them fp32.
+        "draft_head_dtype": (
+            engine.config.draft_head_dtype if engine.matmul == "kernel" else "float32"
+        ),
         "prompts": sum(len(c) for c in chunks),
         "spec_tok_s": spec_tokens / spec_s,
         "ar_tok_s": ar_tokens / ar_s,
@@ -301,13 +310,14 @@ def run(args: argparse.Namespace) -> dict:
     for batch in args.batches:
         chunks = _chunks(encoded, batch)
         engines = []
-        cases = [(beam, lookup) for lookup in args.lookup for beam in beams]
-        for beam, (lookup, in_place) in cases:
+        cases = [(beam, lookup, head) for head in args.draft_head_dtype for lookup in args.lookup
+                 for beam in beams]  # fmt: skip
+        for beam, (lookup, in_place), head in cases:
             config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
                                   lookup_in_place=in_place,
                                   max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   matmul=args.matmul, devices=args.devices,
-                                  batch_size=batch)  # fmt: skip
+                                  batch_size=batch, draft_head_dtype=head)  # fmt: skip
             engines.append(
                 Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
             )
@@ -329,7 +339,7 @@ def run(args: argparse.Namespace) -> dict:
         if any(iterations):
             raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
         ar = (seconds[0], outs[0])
-        for i, ((beam, _), engine) in enumerate(zip(cases, engines, strict=True)):
+        for i, ((beam, _, _), engine) in enumerate(zip(cases, engines, strict=True)):
             spec = (seconds[i + 1], outs[i + 1])
             row = _row(engine, chunks, beam, batch, spec, ar, seconds[n + i + 1], seconds[n])
             log(str(row))

@@ -243,17 +243,23 @@ def _batch_dot(a, b):
     return out.reshape(h, m, p, -1).sum(axis=2)
 
 
-def attention(q, k, v, cache_k, cache_v, mask):
+def attention(q, k, v, cache_k, cache_v, mask, use_kernel: bool = False):
     """[T, Hq, hd], [T, Hkv, hd] x2, cache [Hkv, hd, S] / [Hkv, S, hd], [T, S+T] bool -> [T, Hq*hd].
 
     fp32 out. Scores against the cache and against the new tokens are computed separately and
     only the (small) score matrices are concatenated: the cache and the new keys are never
     concatenated. Query head `h` uses key/value head `h // G`; the cache is in `KVCache`'s
     head-major layout.
+
+    `use_kernel`: through `kernels.kernel_attention` where it applies (a few new tokens, fp32;
+    the packed-weight forward passes it), one fused call per layer in place of a dozen small
+    XLA ops.
     """
     t, hq, hd = q.shape
     hkv, s = k.shape[1], cache_v.shape[1]
     g = hq // hkv
+    if use_kernel and kernels.attention_applies(q, cache_k):
+        return kernels.kernel_attention(q * hd**-0.5, k, v, cache_k, cache_v, mask)
     # Query rows grouped per key/value head: [Hkv, T*G, hd] against [Hkv, hd, S] is one batched
     # matmul per head, with the cache as the right operand in its stored layout.
     qh = jnp.swapaxes((q * hd**-0.5).reshape(t, hkv, g, hd), 0, 1).reshape(hkv, t * g, hd)
@@ -285,7 +291,8 @@ def decoder_layer(config: LlamaConfig, layer: dict, x, cache_k, cache_v, cos, si
     # Round the new keys/values to the cache dtype now, so attending to them here and later
     # from the cache gives identical results.
     k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-    x = x + _dense(attention(q, k, v, cache_k, cache_v, mask), layer["wo"])
+    packed = isinstance(layer["wo"], kernels.PackedWeight)
+    x = x + _dense(attention(q, k, v, cache_k, cache_v, mask, use_kernel=packed), layer["wo"])
     h = rms_norm(x, layer["mlp_norm"], eps)
     if "w_gate_up" in layer:
         gate, up = jnp.split(_dense(h, layer["w_gate_up"]), 2, axis=-1)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from test_engine import CharTokenizer  # ids 4..31, inside this model's 64
 
-from drafter.config import BeamConfig
+from drafter.config import BeamConfig, DrafterConfig
+from drafter.model import init_params as init_drafter
 from drafter.sampling import SamplingConfig
 from pipeline import kernels
 from pipeline.engine import Engine, EngineConfig
@@ -20,6 +21,7 @@ from pipeline.generate import generate
 from pipeline.llm import (
     HEAD_PACKED,
     LlamaConfig,
+    attention,
     forward,
     init_cache,
     unstack_cache,
@@ -54,6 +56,27 @@ def test_kernel_matches_a_float64_product(m, k, n):
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(kernels.unpack(kernels.pack(w)), w)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 8192), (9, 100, 96), (13, 40, 64)])
+def test_bf16_weights_are_widened_exactly(m, k, n):
+    """The bf16 kernel equals the fp32 product of the bf16-rounded weights, and each row's bits
+    are the same alone or with others (as for fp32)."""
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    packed = kernels.pack(w, jnp.bfloat16)
+    assert packed.dtype == jnp.bfloat16 and packed.shape == (n // 32, k, 32)
+    run = jax.jit(kernels.kernel_matmul)
+    got = np.asarray(run(x, packed))
+    rounded = np.asarray(jnp.asarray(w).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = x.astype(np.float64) @ rounded
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(run(x[-1:], packed)), got[-1:])
+    # The kernel on bf16 panels equals its fp32 panels holding the same (rounded) values.
+    np.testing.assert_array_equal(got, np.asarray(run(x, kernels.pack(rounded))))
+    with pytest.raises(ValueError, match="float32 or bfloat16, got float16"):
+        kernels.pack(w, jnp.float16)
 
 
 def test_a_row_gets_the_same_bits_alone_or_with_other_rows():
@@ -107,6 +130,84 @@ def test_matmul_dispatches_by_rows():
     np.testing.assert_allclose(kernels.matmul(x, w), kernels.matmul(x, both), atol=1e-4)
 
 
+def _attention_inputs(rng, b, t, hq, hkv, hd, s, visible=0.7):
+    shape = (b,) if b else ()
+    q = rng.standard_normal(shape + (t, hq, hd), dtype=np.float32)
+    k, v = (rng.standard_normal(shape + (t, hkv, hd), dtype=np.float32) for _ in range(2))
+    cache_k = rng.standard_normal(shape + (hkv, hd, s), dtype=np.float32)
+    cache_v = rng.standard_normal(shape + (hkv, s, hd), dtype=np.float32)
+    mask = rng.random(shape + (t, s + t)) < visible
+    mask[..., np.arange(t), s + np.arange(t)] = True  # every token sees itself
+    return q, k, v, cache_k, cache_v, mask
+
+
+# (batch, new tokens, query heads, kv heads, head size, cache slots); SmolLM2's heads are 9/3 x 64.
+ATTENTION_SHAPES = [(0, 1, 9, 3, 64, 200), (0, 9, 9, 3, 64, 200), (0, 5, 4, 2, 16, 37),
+                    (0, 3, 2, 2, 32, 0), (0, 32, 4, 1, 16, 5), (3, 4, 4, 2, 16, 20),
+                    (2, 9, 9, 3, 64, 150)]  # fmt: skip
+
+
+@pytest.mark.parametrize("b,t,hq,hkv,hd,s", ATTENTION_SHAPES)
+def test_kernel_attention_matches_the_xla_one(b, t, hq, hkv, hd, s):
+    """Masks with holes anywhere, grouped heads, an empty cache, a batch (vmapped; the last
+    shape big enough to share the work out over threads)."""
+    rng = np.random.default_rng(b * 1000 + t * 10 + s)
+    args = _attention_inputs(rng, b, t, hq, hkv, hd, s)
+    assert kernels.attention_applies(args[0], args[3])
+
+    def both(*a):
+        return attention(*a), attention(*a, use_kernel=True)
+
+    run = jax.jit(jax.vmap(both) if b else both)
+    want, got = run(*args)
+    hlo = jax.jit(jax.vmap(both) if b else both).lower(*args).as_text()
+    assert kernels.ATTENTION_TARGET in hlo
+    assert got.shape == want.shape == (args[0].shape[:-2] + (hq * hd,))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_kernel_attention_gives_a_key_the_same_bits_in_the_cache_or_among_the_new_tokens():
+    """What keeps a one-token step and a tree verification exact: token i of a chain attends to
+    tokens 0..i-1 committed to the cache (one at a time) or as new tokens beside it (a chain
+    verified in one call), and gets the same bits either way."""
+    rng = np.random.default_rng(5)
+    hq, hkv, hd, slots, committed, n = 9, 3, 64, 50, 30, 4
+    keys, values = (rng.standard_normal((committed + n, hkv, hd), dtype=np.float32)
+                    for _ in range(2))  # fmt: skip
+    q = rng.standard_normal((n, hq, hd), dtype=np.float32)
+
+    def cache(length):
+        ck = np.zeros((hkv, hd, slots), np.float32)
+        cv = np.zeros((hkv, slots, hd), np.float32)
+        ck[:, :, :length] = keys[:length].transpose(1, 2, 0)
+        cv[:, :length] = values[:length].transpose(1, 0, 2)
+        return ck, cv
+
+    run = jax.jit(lambda *a: attention(*a, use_kernel=True))
+    mask = np.zeros((n, slots + n), bool)
+    mask[:, :committed] = True
+    mask[:, slots:] = np.tril(np.ones((n, n), bool))
+    chain = np.asarray(run(q, keys[committed:], values[committed:], *cache(committed), mask))
+    for i in range(n):
+        one = np.zeros((1, slots + 1), bool)
+        one[:, : committed + i] = one[:, slots] = True
+        new = slice(committed + i, committed + i + 1)
+        alone = run(q[i : i + 1], keys[new], values[new], *cache(committed + i), one)
+        np.testing.assert_array_equal(np.asarray(alone)[0], chain[i])
+
+
+def test_kernel_attention_is_used_where_it_applies():
+    rng = np.random.default_rng(6)
+    q, k, v, ck, cv, mask = _attention_inputs(rng, 0, 4, 4, 2, 16, 8)
+    assert not kernels.attention_applies(q[:, :, :8], ck)  # half a vector per head
+    assert not kernels.attention_applies(q.astype(jnp.bfloat16), ck)
+    assert not kernels.attention_applies(np.zeros((33, 4, 16), np.float32), ck)  # prefill
+    # Where it does not apply, `use_kernel` keeps XLA's attention.
+    long = _attention_inputs(rng, 0, 40, 4, 2, 16, 8)
+    hlo = jax.jit(lambda *a: attention(*a, use_kernel=True)).lower(*long).as_text()
+    assert kernels.ATTENTION_TARGET not in hlo
+
+
 def test_a_packed_forward_equals_the_plain_one():
     params = unstack_layers(init_llm(CONFIG, jax.random.key(0)))
     packed = with_packed_weights(params)
@@ -119,6 +220,9 @@ def test_a_packed_forward_equals_the_plain_one():
     mask = jnp.concatenate([jnp.zeros((2, 3, 16), bool), mask], axis=-1)
     run = jax.jit(lambda p, c: forward(p, CONFIG, tokens, positions, c, mask).logits)
     np.testing.assert_allclose(run(packed, cache), run(params, cache), rtol=1e-4, atol=1e-4)
+    # The packed forward attends through the kernel too (3 new tokens), the plain one does not.
+    assert kernels.ATTENTION_TARGET in run.lower(packed, cache).as_text()
+    assert kernels.ATTENTION_TARGET not in run.lower(params, cache).as_text()
     with pytest.raises(ValueError, match="fp32 weights only"):
         with_packed_weights(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
     with pytest.raises(ValueError, match="unstack the layers"):
@@ -162,6 +266,32 @@ def test_the_engine_uses_the_kernel_on_one_cpu_device_and_stays_exact():
     xla = _engine("xla")
     assert xla.matmul == "xla" and "head_t" in xla.llm_params
     assert [r["token_ids"] for r in xla.generate(ITEMS)] == [r["token_ids"] for r in results]
+
+
+def test_the_drafter_head_rows_are_held_in_draft_head_dtype_and_output_stays_exact():
+    """A tied drafter over a reduced vocabulary: its head rows through the kernel in bf16 (the
+    default) or fp32; the drafts may differ, the generated tokens may not."""
+    drafter_config = DrafterConfig(64, 64, exit_dim=64, tie_lm_head=True, draft_vocab_size=32)
+    drafter = init_drafter(drafter_config, jax.random.key(1))
+    vocab_map = jnp.arange(32, dtype=jnp.int32) + 2
+    llm = init_llm(CONFIG, jax.random.key(0))
+    out = {}
+    for dtype in ("bfloat16", "float32"):
+        config = EngineConfig(beam=BeamConfig(3, 4, tree=True), single_beam=None,
+                              max_new_tokens=12, batch_size=1, devices=1,
+                              time_phases=False, matmul="kernel",
+                              draft_head_dtype=dtype)  # fmt: skip
+        eng = Engine.from_params(CONFIG, llm, drafter_config, drafter, config, CharTokenizer(),
+                                 vocab_map)  # fmt: skip
+        assert eng.draft_params[1].draft_head_t.dtype == jnp.dtype(dtype)
+        out[dtype] = [eng.generate([item])[0]["token_ids"] for item in ITEMS]
+        for item, got in zip(ITEMS, out[dtype], strict=True):
+            toks, lengths = eng._batch([eng.encode(item)])
+            ar = generate(eng.llm_params, CONFIG, toks, lengths, GREEDY, jax.random.key(0), 12)
+            assert got == [int(t) for t in ar.tokens[0, : ar.lengths[0]]]
+    assert out["bfloat16"] == out["float32"]
+    with pytest.raises(ValueError, match="draft_head_dtype must be 'float32' or 'bfloat16'"):
+        EngineConfig(draft_head_dtype="int8")
 
 
 def test_the_kernel_is_not_used_where_it_does_not_apply():

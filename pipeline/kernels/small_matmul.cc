@@ -1,4 +1,6 @@
-// Small-M fp32 matmul for XLA:CPU, as an XLA FFI custom call: out[M, N] = x[M, K] @ w[K, N].
+// Small-M fp32 matmul for XLA:CPU, as an XLA FFI custom call: out[M, N] = x[M, K] @ w[K, N]
+// (`SmallMatmul`; `SmallMatmulBf16` reads bf16 weights, widened exactly, fp32 products and sums).
+// Below it, `SmallAttention`: one layer's attention for a few new tokens against the KV cache.
 //
 // Why: a decode step multiplies 1 to ~16 rows by every weight matrix of the model. For those
 // shapes the work is bound by streaming the weights from memory, but XLA:CPU's dot for 2-16 rows
@@ -16,9 +18,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -54,18 +58,35 @@ inline vec load(const float* p) {
 
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
+// A panel row's NR weights as NV vectors: fp32 as stored, bf16 (the top half of an fp32) widened
+// exactly.
+inline void load_row(const float* p, vec* w) {
+  for (int v = 0; v < NV; ++v) w[v] = load(p + v * VW);
+}
+
+inline void load_row(const uint16_t* p, vec* w) {
+  typedef uint16_t hvec __attribute__((vector_size(VW * sizeof(uint16_t))));
+  typedef uint32_t uvec __attribute__((vector_size(VW * sizeof(uint32_t))));
+  for (int v = 0; v < NV; ++v) {
+    hvec h;
+    std::memcpy(&h, p + v * VW, sizeof(hvec));
+    uvec u = __builtin_convertvector(h, uvec) << 16;
+    std::memcpy(&w[v], &u, sizeof(vec));
+  }
+}
+
 // R rows (x, stride K) times one panel (K x NR, contiguous) into out (stride N).
-template <int R>
-void tile(const float* __restrict x, int64_t K, const float* __restrict panel,
+template <int R, typename Wt>
+void tile(const float* __restrict x, int64_t K, const Wt* __restrict panel,
           float* __restrict out, int64_t N) {
+  constexpr int LINE = 64 / sizeof(Wt);  // weights per cache line
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(panel + (K + k) * NR, 0, 2);
-    __builtin_prefetch(panel + (K + k) * NR + NR / 2, 0, 2);
+    for (int l = 0; l < NR; l += LINE) __builtin_prefetch(panel + (K + k) * NR + l, 0, 2);
     vec w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = load(panel + k * NR + v * VW);
+    load_row(panel + k * NR, w);
     for (int r = 0; r < R; ++r) {
       vec b = vec{} + x[r * K + k];
       for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + b * w[v];
@@ -75,8 +96,8 @@ void tile(const float* __restrict x, int64_t K, const float* __restrict panel,
     for (int v = 0; v < NV; ++v) store(out + r * N + v * VW, acc[r][v]);
 }
 
-template <int R>
-void tile_dispatch(int rows, const float* x, int64_t K, const float* panel, float* out,
+template <int R, typename Wt>
+void tile_dispatch(int rows, const float* x, int64_t K, const Wt* panel, float* out,
                    int64_t N) {
   if constexpr (R > 0) {
     if (rows == R) return tile<R>(x, K, panel, out, N);
@@ -85,10 +106,11 @@ void tile_dispatch(int rows, const float* x, int64_t K, const float* panel, floa
 }
 
 // Panels [p0, p1) for all M rows.
-void panels(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N,
+template <typename Wt>
+void panels(const float* x, const Wt* w, float* out, int64_t M, int64_t K, int64_t N,
             int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = w + p * K * NR;
+    const Wt* panel = w + p * K * NR;
     for (int64_t r = 0; r < M; r += MR) {
       int rows = static_cast<int>(std::min<int64_t>(MR, M - r));
       tile_dispatch<MR>(rows, x + r * K, K, panel, out + r * N + p * NR, N);
@@ -96,9 +118,10 @@ void panels(const float* x, const float* w, float* out, int64_t M, int64_t K, in
   }
 }
 
+template <typename Wt>
 struct Work {
   const float* x;
-  const float* w;
+  const Wt* w;
   float* out;
   int64_t M, K, N, num_panels, chunk, num_chunks;
   std::atomic<int64_t> next{0};
@@ -116,8 +139,9 @@ struct Work {
   }
 };
 
-ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+template <ffi::DataType WT, typename Wt>
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WT> w,
+                      ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() < 1 || wd.size() < 3)
@@ -137,9 +161,9 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (M == 0 || N == 0) return ffi::Error::Success();
 
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto work = std::make_shared<Work>();
+  auto work = std::make_shared<Work<Wt>>();
   work->x = x.typed_data();
-  work->w = w.typed_data();
+  work->w = reinterpret_cast<const Wt*>(w.typed_data());
   work->out = out->typed_data();
   work->M = M;
   work->K = K;
@@ -157,6 +181,310 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+
+ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  return MatmulImpl<ffi::F32, float>(pool, x, w, out);
+}
+
+// The same with bf16 weights (widened exactly to fp32 as they are read; fp32 products and sums).
+ffi::Error SmallMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> out) {
+  return MatmulImpl<ffi::BF16, uint16_t>(pool, x, w, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few-query attention over a KV cache, one call per layer: out = softmax(q k^T, mask) v for T
+// new tokens (queries pre-scaled) against S cache slots and the T new tokens themselves.
+//
+// Shapes (leading dims multiply into B): q [B, T, Hq, hd]; k, v [B, T, Hkv, hd] (the new tokens);
+// cache_k [B, Hkv, hd, S]; cache_v [B, Hkv, S, hd]; mask [B, T, S + T] (pred); out [B, T, Hq*hd].
+// Query head h*G + g reads key/value head h (G = Hq / Hkv), as in `pipeline.llm.attention`.
+//
+// Determinism: a query row's result depends only on the keys/values it sees, visited in column
+// order (cache slots, then new tokens): each score is one fused multiply-add per feature in
+// feature order, the softmax max is exact, masked columns weigh exactly 0, and the denominator
+// and the weighted value sums run over columns in order. So a token attends to the same keys with
+// the same bits whether they sit in the cache (a one-token step) or among the new tokens (a tree
+// verification), and whatever other rows share the call.
+
+inline vec splat(float a) { return vec{} + a; }
+
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+
+// exp(x) for x <= 0 (lane-wise, a pure function of each lane): 2^n * p(r), r = x - n ln 2.
+// Below about -87.3 (and for -inf) the result is 0.
+inline vec vexp(vec x) {
+  typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
+  const vec lo = splat(-87.33f);
+  vec xc = vmax(x, lo);
+  vec t = xc * splat(1.44269504088896341f) - splat(0.5f);
+  ivec n = __builtin_convertvector(t, ivec);  // truncation: round to nearest for t + 0.5 <= 0
+  vec nf = __builtin_convertvector(n, vec);
+  vec r = xc - nf * splat(0.693359375f);
+  r = r - nf * splat(-2.12194440e-4f);
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  ivec bits = (n + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(vec));
+  vec out = p * scale;
+  return x < lo ? vec{} : out;
+}
+
+// scores[r][c] for rows [0, R) of qt ([R][hd], this head's queries) against `nv` vectors of
+// columns of kt ([hd][ld] floats, column-contiguous): rows RQ at a time and NC column vectors,
+// independent accumulators, each one FMA chain over the features in order.
+constexpr int64_t RQ = 4;
+
+template <int NC>
+void qk_tile(const float* q, int64_t r0, int64_t nr, int64_t hd, const float* kt, int64_t ld,
+             float* scores, int64_t sld) {
+  vec acc[RQ][NC] = {};
+  const float* rows[RQ];
+  for (int64_t i = 0; i < RQ; ++i) rows[i] = q + (r0 + (i < nr ? i : 0)) * hd;
+  for (int64_t d = 0; d < hd; ++d) {
+    vec kv[NC];
+    for (int64_t j = 0; j < NC; ++j) kv[j] = load(kt + d * ld + j * VW);
+    for (int64_t i = 0; i < RQ; ++i) {
+      const vec b = splat(rows[i][d]);
+      for (int64_t j = 0; j < NC; ++j) acc[i][j] = acc[i][j] + b * kv[j];
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t j = 0; j < NC; ++j) store(scores + (r0 + i) * sld + j * VW, acc[i][j]);
+}
+
+void qk_block(const float* q, int64_t R, int64_t hd, const float* kt, int64_t ld, int64_t nv,
+              float* scores, int64_t sld) {
+  for (int64_t r0 = 0; r0 < R; r0 += RQ) {
+    const int64_t nr = std::min<int64_t>(RQ, R - r0);
+    int64_t c = 0;
+    for (; c + 3 <= nv; c += 3) qk_tile<3>(q, r0, nr, hd, kt + c * VW, ld, scores + c * VW, sld);
+    if (nv - c == 2) qk_tile<2>(q, r0, nr, hd, kt + c * VW, ld, scores + c * VW, sld);
+    if (nv - c == 1) qk_tile<1>(q, r0, nr, hd, kt + c * VW, ld, scores + c * VW, sld);
+  }
+}
+
+struct AttnShapes {
+  int64_t B, T, Hq, Hkv, G, hd, S;
+};
+
+// Value vectors per head the attention kernel serves (head_dim <= MAX_DV * VW).
+constexpr int64_t MAX_DV = 8;
+
+// Weighted sums of the values, RB rows at a time sharing each value row: an FMA chain per output
+// over the columns in order (a weight of 0 adds exactly nothing), the denominator the same way.
+template <int DV>
+void pv_rows(const float* sc, int64_t sld, int64_t r_lo, int64_t R, int64_t G, int64_t T, int64_t cache_end,
+             int64_t cache_pad, const float* cvh, const float* vn, const AttnShapes& a,
+             int64_t b, int64_t h, float* out) {
+  constexpr int64_t RB = DV <= 4 ? 3 : 1;
+  const int64_t hd = DV * VW;
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int64_t nr = std::min<int64_t>(RB, R - r0);
+    const float* srow[RB];
+    for (int64_t i = 0; i < RB; ++i) srow[i] = sc + (r0 + (i < nr ? i : 0)) * sld;
+    vec acc[RB][DV] = {};
+    float den[RB] = {};
+    auto add = [&](const float* vrow, int64_t c) {
+      float p[RB];
+      bool any = false;
+      for (int64_t i = 0; i < RB; ++i) {
+        p[i] = srow[i][c];
+        any |= p[i] != 0.0f;
+      }
+      if (!any) return;
+      for (int64_t i = 0; i < RB; ++i) den[i] = den[i] + p[i];
+      for (int64_t j = 0; j < DV; ++j) {
+        const vec w = load(vrow + j * VW);
+        for (int64_t i = 0; i < RB; ++i) acc[i][j] = acc[i][j] + splat(p[i]) * w;
+      }
+    };
+    for (int64_t c = 0; c < cache_end; ++c) add(cvh + c * hd, c);
+    for (int64_t u = 0; u < T; ++u) add(vn + ((b * T + u) * a.Hkv + h) * hd, cache_pad + u);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t r = r_lo + r0 + i, t = r / G, g = r % G;
+      float* orow = out + (b * T + t) * a.Hq * hd + (h * G + g) * hd;
+      if (den[i] == 0.0f) {  // sees nothing (the model's masks never make such a row): zeros
+        std::memset(orow, 0, hd * sizeof(float));
+        continue;
+      }
+      const vec dv = splat(den[i]);
+      for (int64_t j = 0; j < DV; ++j) store(orow + j * VW, acc[i][j] / dv);
+    }
+  }
+}
+
+template <int DV>
+void pv_dispatch(int64_t dv, const float* sc, int64_t sld, int64_t r_lo, int64_t R, int64_t G, int64_t T,
+                 int64_t cache_end, int64_t cache_pad, const float* cvh, const float* vn,
+                 const AttnShapes& a, int64_t b, int64_t h, float* out) {
+  if constexpr (DV > 0) {
+    if (dv == DV) return pv_rows<DV>(sc, sld, r_lo, R, G, T, cache_end, cache_pad, cvh, vn, a, b, h, out);
+    return pv_dispatch<DV - 1>(dv, sc, sld, r_lo, R, G, T, cache_end, cache_pad, cvh, vn, a, b, h, out);
+  }
+}
+
+// One (batch row, key/value head): query rows [r_lo, r_hi) of its T*G (row t*G + g is token t,
+// query head h*G + g).
+void attend_head(const AttnShapes& a, const float* q, const float* kn, const float* vn,
+                 const float* ck, const float* cv, const bool* mask, float* out, int64_t b,
+                 int64_t h, int64_t cache_end, int64_t r_lo, int64_t r_hi) {
+  const int64_t T = a.T, G = a.G, hd = a.hd, S = a.S, R = r_hi - r_lo;
+  const int64_t cv_full = cache_end / VW;                 // whole vectors of cache columns
+  const int64_t cache_pad = (cache_end + VW - 1) / VW * VW;  // cache columns, padded
+  const int64_t new_pad = (T + VW - 1) / VW * VW;
+  const int64_t sld = cache_pad + new_pad;  // a scores row: cache part, then new part
+  thread_local std::vector<float> buf;
+  const size_t need = R * hd + R * sld + hd * (VW + new_pad);
+  if (buf.size() < need) buf.resize(need);
+  float* qt = buf.data();        // [R][hd]
+  float* sc = qt + R * hd;       // [R][sld]
+  float* kt = sc + R * sld;      // [hd][VW]: the cache's last partial vector of columns
+  float* knt = kt + hd * VW;     // [hd][new_pad]: the new keys, transposed
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = (r_lo + r) / G, g = (r_lo + r) % G;
+    std::memcpy(qt + r * hd, q + ((b * T + t) * a.Hq + h * G + g) * hd, hd * sizeof(float));
+  }
+  const float* ckh = ck + (b * a.Hkv + h) * hd * S;   // [hd][S]
+  const float* cvh = cv + (b * a.Hkv + h) * S * hd;   // [S][hd]
+  // Scores against the cache (whole vectors in place, the tail through a zero-padded copy) and
+  // against the new tokens: the same code, so the same bits for the same key.
+  qk_block(qt, R, hd, ckh, S, cv_full, sc, sld);
+  if (cache_pad > cv_full * VW) {
+    const int64_t c0 = cv_full * VW, n = cache_end - c0;
+    for (int64_t d = 0; d < hd; ++d) {
+      for (int64_t j = 0; j < VW; ++j) kt[d * VW + j] = j < n ? ckh[d * S + c0 + j] : 0.0f;
+    }
+    qk_block(qt, R, hd, kt, VW, 1, sc + c0, sld);
+  }
+  for (int64_t d = 0; d < hd; ++d)
+    for (int64_t u = 0; u < new_pad; ++u)
+      knt[d * new_pad + u] = u < T ? kn[((b * T + u) * a.Hkv + h) * hd + d] : 0.0f;
+  qk_block(qt, R, hd, knt, new_pad, new_pad / VW, sc + cache_pad, sld);
+  // Masked columns to -inf, then each row's max and exp (masked: exactly 0).
+  for (int64_t r = 0; r < R; ++r) {
+    const bool* mrow = mask + (b * T + (r_lo + r) / G) * (S + T);
+    float* srow = sc + r * sld;
+    for (int64_t c = 0; c < cache_end; ++c) srow[c] = mrow[c] ? srow[c] : -INFINITY;
+    for (int64_t c = cache_end; c < cache_pad; ++c) srow[c] = -INFINITY;
+    for (int64_t u = 0; u < new_pad; ++u)
+      srow[cache_pad + u] = u < T && mrow[S + u] ? srow[cache_pad + u] : -INFINITY;
+    vec mv = splat(-INFINITY);
+    for (int64_t c = 0; c < sld; c += VW) mv = vmax(mv, load(srow + c));
+    float m = -INFINITY;
+    for (int j = 0; j < VW; ++j) m = std::max(m, mv[j]);
+    // A row that sees nothing (the model's masks never make one) gets zeros below.
+    const vec ms = splat(m == -INFINITY ? 0.0f : m);
+    for (int64_t c = 0; c < sld; c += VW) store(srow + c, vexp(load(srow + c) - ms));
+  }
+  pv_dispatch<MAX_DV>(hd / VW, sc, sld, r_lo, R, G, T, cache_end, cache_pad, cvh, vn, a, b, h, out);
+}
+
+struct AttnWork {
+  AttnShapes a;
+  const float *q, *kn, *vn, *ck, *cv;
+  const bool* mask;
+  float* out;
+  int64_t items, parts, part_rows;
+  std::vector<int64_t> ends;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  // Claims and runs (batch row, kv head, row part) items until none is left; a helper that starts after
+  // all were claimed touches nothing but this struct, which it keeps alive.
+  void run() {
+    for (;;) {
+      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= items) return;
+      const int64_t part = i % parts, bh = i / parts, b = bh / a.Hkv;
+      const int64_t lo = part * part_rows, hi = std::min(a.T * a.G, lo + part_rows);
+      attend_head(a, q, kn, vn, ck, cv, mask, out, b, bh % a.Hkv, ends[b], lo, hi);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error SmallAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::F32> kn, ffi::Buffer<ffi::F32> vn,
+                              ffi::Buffer<ffi::F32> ck, ffi::Buffer<ffi::F32> cv,
+                              ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = kn.dimensions(), ckd = ck.dimensions();
+  if (qd.size() < 3 || kd.size() < 3 || ckd.size() < 3)
+    return ffi::Error::InvalidArgument("small_attention: q, k need [..., T, H, hd], cache [..., hd, S]");
+  AttnShapes a;
+  a.T = qd[qd.size() - 3];
+  a.Hq = qd[qd.size() - 2];
+  a.hd = qd.back();
+  a.Hkv = kd[kd.size() - 2];
+  a.S = ckd.back();
+  if (a.T == 0 || a.Hq == 0 || a.Hkv == 0 || a.Hq % a.Hkv != 0)
+    return ffi::Error::InvalidArgument("small_attention: query heads must be a multiple of kv heads");
+  if (a.hd % VW != 0 || a.hd / VW > MAX_DV)
+    return ffi::Error::InvalidArgument("small_attention: head_dim must be a multiple of the vector width, at most 8 vectors");
+  a.G = a.Hq / a.Hkv;
+  a.B = static_cast<int64_t>(q.element_count()) / (a.T * a.Hq * a.hd);
+  if (static_cast<int64_t>(kn.element_count()) != a.B * a.T * a.Hkv * a.hd ||
+      static_cast<int64_t>(vn.element_count()) != a.B * a.T * a.Hkv * a.hd ||
+      ckd[ckd.size() - 2] != a.hd ||
+      static_cast<int64_t>(ck.element_count()) != a.B * a.Hkv * a.hd * a.S ||
+      static_cast<int64_t>(cv.element_count()) != a.B * a.Hkv * a.S * a.hd ||
+      static_cast<int64_t>(mask.element_count()) != a.B * a.T * (a.S + a.T) ||
+      static_cast<int64_t>(out->element_count()) != a.B * a.T * a.Hq * a.hd)
+    return ffi::Error::InvalidArgument("small_attention: shapes disagree (see small_matmul.cc)");
+  const float* qp = q.typed_data();
+  const float* knp = kn.typed_data();
+  const float* vnp = vn.typed_data();
+  const float* ckp = ck.typed_data();
+  const float* cvp = cv.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  auto work = std::make_shared<AttnWork>();
+  work->a = a;
+  work->q = q.typed_data();
+  work->kn = kn.typed_data();
+  work->vn = vn.typed_data();
+  work->ck = ck.typed_data();
+  work->cv = cv.typed_data();
+  work->mask = mask.typed_data();
+  work->out = out->typed_data();
+  // Per batch row: one past the last cache slot any of its queries sees.
+  work->ends.assign(a.B, 0);
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t t = 0; t < a.T; ++t) {
+      const bool* mrow = work->mask + (b * a.T + t) * (a.S + a.T);
+      for (int64_t c = a.S; c > work->ends[b]; --c)
+        if (mrow[c - 1]) {
+          work->ends[b] = c;
+          break;
+        }
+    }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Rows x columns of scores: below about 8K (one token against a few hundred slots) the call
+  // is a few microseconds and helpers would cost more than they save.
+  int64_t cells = 0;
+  for (int64_t b = 0; b < a.B; ++b) cells += a.Hkv * a.T * a.G * (work->ends[b] + a.T);
+  const bool split = threads > 1 && cells >= 8192;
+  // With few (batch row, kv head) pairs, each head's rows in parts (whole tiles of 12 rows).
+  const int64_t R = a.T * a.G;
+  work->parts = split && a.B * a.Hkv < 4 * threads ? std::max<int64_t>(1, std::min<int64_t>(4, R / 12)) : 1;
+  work->part_rows = (R + work->parts - 1) / work->parts;
+  work->part_rows = (work->part_rows + 2) / 3 * 3;
+  work->parts = (R + work->part_rows - 1) / work->part_rows;
+  work->items = a.B * a.Hkv * work->parts;
+  const int64_t helpers = split ? std::min(threads, work->items) - 1 : 0;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmul, SmallMatmulImpl,
@@ -166,5 +494,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmul, SmallMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmulBf16, SmallMatmulBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 // The register tile this build uses, for tests and reports: VW * 1000 + MR.
 extern "C" int small_matmul_tile() { return VW * 1000 + MR; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallAttention, SmallAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
