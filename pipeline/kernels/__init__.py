@@ -233,7 +233,7 @@ def attention_applies(q, cache_k) -> bool:
         and cache_k.dtype == F32
         and available()
         and q.shape[-1] % tile()[0] == 0
-        and q.shape[-1] // tile()[0] <= 8
+        and q.shape[-1] // tile()[0] <= 8  # `MAX_DV` in small_matmul.cc
     )
 
 

@@ -118,24 +118,43 @@ void panels(const float* x, const Wt* w, float* out, int64_t M, int64_t K, int64
   }
 }
 
+// Items [0, count) shared out over threads: each claims the next until none is left. It lives in
+// a call's shared state (a shared_ptr each helper holds), so a helper that starts after every
+// item was claimed touches only memory it keeps alive.
+struct Claims {
+  int64_t count = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  template <typename F>
+  void run(F&& item) {
+    for (;;) {
+      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= count) return;
+      item(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  // Until every item has run (helpers may still be running the last ones claimed).
+  void wait() const {
+    while (done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  }
+};
+
 template <typename Wt>
 struct Work {
   const float* x;
   const Wt* w;
   float* out;
-  int64_t M, K, N, num_panels, chunk, num_chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t M, K, N, num_panels, chunk;
+  Claims chunks;
 
-  // Claims and runs chunks until none is left.
   void run() {
-    for (;;) {
-      int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= num_chunks) return;
+    chunks.run([this](int64_t c) {
       int64_t p0 = c * chunk, p1 = std::min(num_panels, p0 + chunk);
       panels(x, w, out, M, K, N, p0, p1);
-      done.fetch_add(1, std::memory_order_release);
-    }
+    });
   }
 };
 
@@ -171,13 +190,13 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   work->num_panels = P;
   // Several chunks per thread, so a slow or late helper leaves little for the others to wait on.
   work->chunk = std::max<int64_t>(1, P / (threads * 4));
-  work->num_chunks = (P + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min(threads, work->num_chunks) - 1;
+  work->chunks.count = (P + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->chunks.count) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
   work->run();
   // Chunks claimed by helpers may still be running; a helper that starts after all chunks were
   // claimed touches nothing but `work`, which it keeps alive.
-  while (work->done.load(std::memory_order_acquire) < work->num_chunks) std::this_thread::yield();
+  work->chunks.wait();
   return ffi::Error::Success();
 }
 
@@ -281,9 +300,10 @@ constexpr int64_t MAX_DV = 8;
 // Weighted sums of the values, RB rows at a time sharing each value row: an FMA chain per output
 // over the columns in order (a weight of 0 adds exactly nothing), the denominator the same way.
 template <int DV>
-void pv_rows(const float* sc, int64_t sld, int64_t r_lo, int64_t R, int64_t G, int64_t T, int64_t cache_end,
-             int64_t cache_pad, const float* cvh, const float* vn, const AttnShapes& a,
-             int64_t b, int64_t h, float* out) {
+void pv_rows(const AttnShapes& a, const float* sc, int64_t sld, int64_t r_lo, int64_t R,
+             int64_t cache_end, int64_t cache_pad, const float* cvh, const float* vn, int64_t b,
+             int64_t h, float* out) {
+  const int64_t G = a.G, T = a.T;
   constexpr int64_t RB = DV <= 4 ? 3 : 1;
   const int64_t hd = DV * VW;
   for (int64_t r0 = 0; r0 < R; r0 += RB) {
@@ -322,12 +342,12 @@ void pv_rows(const float* sc, int64_t sld, int64_t r_lo, int64_t R, int64_t G, i
 }
 
 template <int DV>
-void pv_dispatch(int64_t dv, const float* sc, int64_t sld, int64_t r_lo, int64_t R, int64_t G, int64_t T,
-                 int64_t cache_end, int64_t cache_pad, const float* cvh, const float* vn,
-                 const AttnShapes& a, int64_t b, int64_t h, float* out) {
+void pv_dispatch(int64_t dv, const AttnShapes& a, const float* sc, int64_t sld, int64_t r_lo,
+                 int64_t R, int64_t cache_end, int64_t cache_pad, const float* cvh,
+                 const float* vn, int64_t b, int64_t h, float* out) {
   if constexpr (DV > 0) {
-    if (dv == DV) return pv_rows<DV>(sc, sld, r_lo, R, G, T, cache_end, cache_pad, cvh, vn, a, b, h, out);
-    return pv_dispatch<DV - 1>(dv, sc, sld, r_lo, R, G, T, cache_end, cache_pad, cvh, vn, a, b, h, out);
+    if (dv == DV) return pv_rows<DV>(a, sc, sld, r_lo, R, cache_end, cache_pad, cvh, vn, b, h, out);
+    return pv_dispatch<DV - 1>(dv, a, sc, sld, r_lo, R, cache_end, cache_pad, cvh, vn, b, h, out);
   }
 }
 
@@ -384,7 +404,7 @@ void attend_head(const AttnShapes& a, const float* q, const float* kn, const flo
     const vec ms = splat(m == -INFINITY ? 0.0f : m);
     for (int64_t c = 0; c < sld; c += VW) store(srow + c, vexp(load(srow + c) - ms));
   }
-  pv_dispatch<MAX_DV>(hd / VW, sc, sld, r_lo, R, G, T, cache_end, cache_pad, cvh, vn, a, b, h, out);
+  pv_dispatch<MAX_DV>(hd / VW, a, sc, sld, r_lo, R, cache_end, cache_pad, cvh, vn, b, h, out);
 }
 
 struct AttnWork {
@@ -392,22 +412,16 @@ struct AttnWork {
   const float *q, *kn, *vn, *ck, *cv;
   const bool* mask;
   float* out;
-  int64_t items, parts, part_rows;
+  int64_t parts, part_rows;
   std::vector<int64_t> ends;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  Claims items;  // (batch row, kv head, row part)
 
-  // Claims and runs (batch row, kv head, row part) items until none is left; a helper that starts after
-  // all were claimed touches nothing but this struct, which it keeps alive.
   void run() {
-    for (;;) {
-      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= items) return;
+    items.run([this](int64_t i) {
       const int64_t part = i % parts, bh = i / parts, b = bh / a.Hkv;
       const int64_t lo = part * part_rows, hi = std::min(a.T * a.G, lo + part_rows);
       attend_head(a, q, kn, vn, ck, cv, mask, out, b, bh % a.Hkv, ends[b], lo, hi);
-      done.fetch_add(1, std::memory_order_release);
-    }
+    });
   }
 };
 
@@ -417,7 +431,8 @@ ffi::Error SmallAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = kn.dimensions(), ckd = ck.dimensions();
   if (qd.size() < 3 || kd.size() < 3 || ckd.size() < 3)
-    return ffi::Error::InvalidArgument("small_attention: q, k need [..., T, H, hd], cache [..., hd, S]");
+    return ffi::Error::InvalidArgument(
+        "small_attention: q, k need [..., T, H, hd], cache [..., hd, S]");
   AttnShapes a;
   a.T = qd[qd.size() - 3];
   a.Hq = qd[qd.size() - 2];
@@ -425,9 +440,11 @@ ffi::Error SmallAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   a.Hkv = kd[kd.size() - 2];
   a.S = ckd.back();
   if (a.T == 0 || a.Hq == 0 || a.Hkv == 0 || a.Hq % a.Hkv != 0)
-    return ffi::Error::InvalidArgument("small_attention: query heads must be a multiple of kv heads");
+    return ffi::Error::InvalidArgument(
+        "small_attention: query heads must be a multiple of kv heads");
   if (a.hd % VW != 0 || a.hd / VW > MAX_DV)
-    return ffi::Error::InvalidArgument("small_attention: head_dim must be a multiple of the vector width, at most 8 vectors");
+    return ffi::Error::InvalidArgument(
+        "small_attention: head_dim must be a multiple of the vector width, at most 8 vectors");
   a.G = a.Hq / a.Hkv;
   a.B = static_cast<int64_t>(q.element_count()) / (a.T * a.Hq * a.hd);
   if (static_cast<int64_t>(kn.element_count()) != a.B * a.T * a.Hkv * a.hd ||
@@ -471,17 +488,19 @@ ffi::Error SmallAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   int64_t cells = 0;
   for (int64_t b = 0; b < a.B; ++b) cells += a.Hkv * a.T * a.G * (work->ends[b] + a.T);
   const bool split = threads > 1 && cells >= 8192;
-  // With few (batch row, kv head) pairs, each head's rows in parts (whole tiles of 12 rows).
+  // With few (batch row, kv head) pairs, each head's rows in up to 4 parts of at least 12 rows,
+  // each a multiple of 3 (the value sums' row tile).
   const int64_t R = a.T * a.G;
-  work->parts = split && a.B * a.Hkv < 4 * threads ? std::max<int64_t>(1, std::min<int64_t>(4, R / 12)) : 1;
+  const bool few = a.B * a.Hkv < 4 * threads;
+  work->parts = split && few ? std::max<int64_t>(1, std::min<int64_t>(4, R / 12)) : 1;
   work->part_rows = (R + work->parts - 1) / work->parts;
   work->part_rows = (work->part_rows + 2) / 3 * 3;
   work->parts = (R + work->part_rows - 1) / work->part_rows;
-  work->items = a.B * a.Hkv * work->parts;
-  const int64_t helpers = split ? std::min(threads, work->items) - 1 : 0;
+  work->items.count = a.B * a.Hkv * work->parts;
+  const int64_t helpers = split ? std::min(threads, work->items.count) - 1 : 0;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
   work->run();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  work->items.wait();
   return ffi::Error::Success();
 }
 
