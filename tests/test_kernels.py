@@ -198,10 +198,15 @@ def test_kernel_attention_gives_a_key_the_same_bits_in_the_cache_or_among_the_ne
 
 def test_kernel_attention_is_used_where_it_applies():
     rng = np.random.default_rng(6)
-    q, k, v, ck, cv, mask = _attention_inputs(rng, 0, 4, 4, 2, 16, 8)
-    assert not kernels.attention_applies(q[:, :, :8], ck)  # half a vector per head
+    vector, biggest = kernels.tile()[0], kernels.attention_max_head_dim()
+    assert biggest % vector == 0
+    q, k, v, ck, cv, mask = _attention_inputs(rng, 0, 4, 4, 2, 2 * vector, 8)
+    assert kernels.attention_applies(q, ck)
+    assert not kernels.attention_applies(q[:, :, : vector + vector // 2], ck)  # a part vector
+    assert not kernels.attention_applies(np.zeros((4, 4, biggest + vector), np.float32), ck)
+    assert kernels.attention_applies(np.zeros((4, 4, biggest), np.float32), ck)
     assert not kernels.attention_applies(q.astype(jnp.bfloat16), ck)
-    assert not kernels.attention_applies(np.zeros((33, 4, 16), np.float32), ck)  # prefill
+    assert not kernels.attention_applies(np.zeros((33, 4, 2 * vector), np.float32), ck)  # prefill
     # Where it does not apply, `use_kernel` keeps XLA's attention.
     long = _attention_inputs(rng, 0, 40, 4, 2, 16, 8)
     hlo = jax.jit(lambda *a: attention(*a, use_kernel=True)).lower(*long).as_text()

@@ -137,6 +137,14 @@ def tile() -> tuple[int, int]:
     return code // 1000, code % 1000
 
 
+def attention_max_head_dim() -> int:
+    """The largest head size (floats) the attention kernel serves, from the compiled library."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
+    return lib.small_attention_max_head_dim()
+
+
 def pack(w, dtype=F32) -> jax.Array:
     """[K, N] -> [N/32, K, 32]: 32-column panels, each contiguous over K; in `dtype`, fp32 or
     bfloat16 (half the bytes to read; the kernel widens each weight exactly and multiplies in
@@ -226,14 +234,15 @@ def pack_rows(w, dtype=F32) -> PackedWeight:
 
 def attention_applies(q, cache_k) -> bool:
     """Whether `kernel_attention` serves these operands: the kernel is built, at most
-    `KERNEL_MAX_ROWS` new tokens, fp32 queries and cache, and a head size of whole vectors."""
+    `KERNEL_MAX_ROWS` new tokens, fp32 queries and cache, and a head size of whole vectors, at most
+    `attention_max_head_dim()`."""
     return (
         q.shape[-3] <= KERNEL_MAX_ROWS
         and q.dtype == F32
         and cache_k.dtype == F32
         and available()
         and q.shape[-1] % tile()[0] == 0
-        and q.shape[-1] // tile()[0] <= 8  # `MAX_DV` in small_matmul.cc
+        and q.shape[-1] <= attention_max_head_dim()
     )
 
 

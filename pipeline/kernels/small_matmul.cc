@@ -444,7 +444,7 @@ ffi::Error SmallAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "small_attention: query heads must be a multiple of kv heads");
   if (a.hd % VW != 0 || a.hd / VW > MAX_DV)
     return ffi::Error::InvalidArgument(
-        "small_attention: head_dim must be a multiple of the vector width, at most 8 vectors");
+        "small_attention: head_dim must be a multiple of the vector width, at most MAX_DV vectors");
   a.G = a.Hq / a.Hkv;
   a.B = static_cast<int64_t>(q.element_count()) / (a.T * a.Hq * a.hd);
   if (static_cast<int64_t>(kn.element_count()) != a.B * a.T * a.Hkv * a.hd ||
@@ -522,6 +522,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmulBf16, SmallMatmulBf16Impl,
 
 // The register tile this build uses, for tests and reports: VW * 1000 + MR.
 extern "C" int small_matmul_tile() { return VW * 1000 + MR; }
+// Head size the attention kernel serves, in floats (Python's `attention_applies` reads it).
+extern "C" int small_attention_max_head_dim() { return MAX_DV * VW; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallAttention, SmallAttentionImpl,
                               ffi::Ffi::Bind()
