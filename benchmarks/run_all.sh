@@ -57,6 +57,10 @@ run decode "${tree[@]}" --repeats 3 --beams 4x8t 4x8t/1/2/4 4x4t/1/2 \
   --out "$out/decode-heldout-batch1-cuts.json"
 run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 3 --batches 8 \
   --beams 1x1 4x2t 4x3t --lookup 4i --max-new-tokens 128 --out "$out/decode-heldout-tree-batch8.json"
+# The table: batch 1 and 8 in one run, chains and trees, the defaults among them.
+run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 2 --batches 1 8 \
+  --beams 1x1 1x2 4x2t 4x3t 4x8t/1/2/4 --lookup 4i --max-new-tokens 128 \
+  --out "$out/decode-heldout-batch1-batch8.json"
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
