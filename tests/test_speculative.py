@@ -347,6 +347,25 @@ def test_speculative_sampling_with_a_best_first_tree_matches_the_target_law(smal
     assert goodness_of_fit(counts, exact_three_token_law(small_llm)) > 1e-3
 
 
+def test_speculative_sampling_with_sampled_drafts_matches_the_target_law(small_llm):
+    """Independent drafter samples (`SampledDraft`, the non-beam option): random drafts, drawn
+    with their own keys, that may repeat one another; descending the packed tree with the
+    target's own draws stays exact."""
+    config = DrafterConfig(hidden_size=16, vocab_size=8, exit_dim=16)
+    draft = spec.SampledDraft(config, BeamConfig(3, 2), SamplingConfig(temperature=1.0))
+    params = jax.tree.map(lambda x: 3.0 * x, init_drafter(config, jax.random.key(4)))
+    draft_params = (params, spec.target_embeddings(small_llm))
+    law = exact_three_token_law(small_llm)
+    counts, hist = sampled_counts(small_llm, accept.sampling_rule(HOT), draft, key=29,
+                                  draft_params=draft_params)  # fmt: skip
+    assert hist[1:].sum() > 0.1 * hist.sum(), hist
+    assert goodness_of_fit(counts, law) > 1e-3
+    # With these same drafts (the q its per-beam p/q test is meant for) the reference's rule fails.
+    counts, _ = sampled_counts(small_llm, accept.ReferenceRule(HOT), draft, key=29,
+                               draft_params=draft_params)  # fmt: skip
+    assert goodness_of_fit(counts, law) < 1e-6
+
+
 def test_speculative_sampling_with_a_cut_tree_matches_the_target_law(small_llm):
     """Rows cut their trees to different sizes (`BeamConfig.cuts`) in one batch."""
     config = DrafterConfig(hidden_size=16, vocab_size=8, exit_dim=16)
