@@ -16,8 +16,9 @@ Weights are held packed (`PackedWeight`: `[N/32, K, 32]`, 32-column panels conti
 on the same packed array (prefill, big batches). Packed weights are fp32, or bf16 (`pack(w,
 jnp.bfloat16)`: half the bytes, widened exactly in the kernel; the engine's drafter head rows,
 `EngineConfig.draft_head_dtype`). The kernel is compiled with the machine's C++
-compiler (`-march=native`) into `~/.cache/specdraft/kernels/<hash>/`, keyed by the source, the
-compiler, the CPU and jaxlib; without a compiler `available()` is False with the reason in
+compiler (`-march=native`, plus `$SPECDRAFT_KERNEL_CXXFLAGS`) into
+`~/.cache/specdraft/kernels/<hash>/`, keyed by the source, the compiler, the CPU, jaxlib and
+those flags; without a compiler `available()` is False with the reason in
 `unavailable_reason()`, and callers keep XLA's dot.
 """
 
@@ -69,13 +70,20 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _extra_flags() -> list[str]:
+    """`$SPECDRAFT_KERNEL_CXXFLAGS`, appended to the build's flags: e.g. `-mno-avx512f` builds
+    the AVX2 variant on an AVX-512 machine (the tests check the narrower builds that way)."""
+    return os.environ.get("SPECDRAFT_KERNEL_CXXFLAGS", "").split()
+
+
 def _build(cxx: str) -> Path:
     import jaxlib
 
     include = jax.ffi.include_dir()
+    flags = _extra_flags()
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), cxx.encode(), _cpu_signature().encode(),
-                 jaxlib.__version__.encode()):  # fmt: skip
+                 jaxlib.__version__.encode(), " ".join(flags).encode()):  # fmt: skip
         key.update(part)
         key.update(b"\0")
     out_dir = _cache_root() / key.hexdigest()[:16]
@@ -91,7 +99,7 @@ def _build(cxx: str) -> Path:
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
         os.close(fd)
         cmd = [cxx, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
-               "-fPIC", f"-I{include}", str(SOURCE), "-o", tmp]  # fmt: skip
+               "-fPIC", f"-I{include}", *flags, str(SOURCE), "-o", tmp]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)

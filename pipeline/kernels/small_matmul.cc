@@ -294,8 +294,9 @@ struct AttnShapes {
   int64_t B, T, Hq, Hkv, G, hd, S;
 };
 
-// Value vectors per head the attention kernel serves (head_dim <= MAX_DV * VW).
-constexpr int64_t MAX_DV = 8;
+// Value vectors per head the attention kernel serves: head sizes up to 128 floats in any build
+// (head_dim <= MAX_DV * VW).
+constexpr int64_t MAX_DV = 128 / VW;
 
 // Weighted sums of the values, RB rows at a time sharing each value row: an FMA chain per output
 // over the columns in order (a weight of 0 adds exactly nothing), the denominator the same way.
