@@ -136,21 +136,22 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def tile() -> tuple[int, int]:
-    """(vector width in floats, register-tile rows) the build uses, from the compiled library."""
+def _library() -> ctypes.CDLL:
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
-    code = lib.small_matmul_tile()
+    return lib
+
+
+def tile() -> tuple[int, int]:
+    """(vector width in floats, register-tile rows) the build uses, from the compiled library."""
+    code = _library().small_matmul_tile()
     return code // 1000, code % 1000
 
 
 def attention_max_head_dim() -> int:
     """The largest head size (floats) the attention kernel serves, from the compiled library."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
-    return lib.small_attention_max_head_dim()
+    return _library().small_attention_max_head_dim()
 
 
 def pack(w, dtype=F32) -> jax.Array:

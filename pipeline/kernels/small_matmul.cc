@@ -445,7 +445,7 @@ ffi::Error SmallAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "small_attention: query heads must be a multiple of kv heads");
   if (a.hd % VW != 0 || a.hd / VW > MAX_DV)
     return ffi::Error::InvalidArgument(
-        "small_attention: head_dim must be a multiple of the vector width, at most MAX_DV vectors");
+        "small_attention: head_dim must be a multiple of the vector width, at most 128");
   a.G = a.Hq / a.Hkv;
   a.B = static_cast<int64_t>(q.element_count()) / (a.T * a.Hq * a.hd);
   if (static_cast<int64_t>(kn.element_count()) != a.B * a.T * a.Hkv * a.hd ||
