@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.outputs import check_writable, write_text
+
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "drafter": ("benchmarks.drafter", "jitted beam search vs the machine's roofline bound"),
@@ -71,8 +73,7 @@ def write_json(document: dict, out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text(out, text, "--out")
     print(f"bench: wrote {out}", file=sys.stderr)
 
 
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if module is None:
         print(f"bench: benchmark {args.benchmark!r} is not available", file=sys.stderr)
         return 2
+    if args.out is not None:
+        check_writable(args.out, "--out")  # before minutes of measuring
     document = module.run(args)
     write_json(document, args.out)
     return 0

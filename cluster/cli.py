@@ -34,6 +34,7 @@ USER_ERRORS = {
     "pipeline.checkpoint": "CheckpointError",
     "pipeline.drafter_io": "DrafterCheckpointError",
     "pipeline.prompts": "PromptFileError",
+    "pipeline.outputs": "OutputPathError",
 }
 
 

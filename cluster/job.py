@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cluster.cli import UserError
 from cluster.commands import engine_args
+from pipeline.outputs import check_writable, write_text
 from pipeline.prompts import PromptFileError, read_prompts
 
 
@@ -60,9 +61,16 @@ def run(args: argparse.Namespace, kind: str) -> int:
     from cluster.coordinator import DispatchConfig
     from cluster.results import format_summary
 
+    summary_path = args.out.with_suffix(".summary.json")
     try:
         prompts = read_prompts(args.prompts)
         config = DispatchConfig(batch_size=args.batch_size, in_flight_per_worker=args.in_flight)
+        # Every output is checked before a model loads: a path that cannot be written costs a
+        # line, not minutes of loading.
+        check_writable(args.out, "--out")
+        check_writable(summary_path, "--out (its summary)")
+        if args.plot is not None:
+            check_writable(args.plot, "--plot")
     except (PromptFileError, ValueError) as err:
         raise UserError(str(err)) from None
     factory = engine_args.engine_factory(args)
@@ -71,8 +79,7 @@ def run(args: argparse.Namespace, kind: str) -> int:
         summary = _run_on_ray(args, kind, prompts, factory, config, address)
     else:
         summary = _run_in_process(args, kind, prompts, factory, config)
-    summary_path = args.out.with_suffix(".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(summary_path, json.dumps(summary, indent=2) + "\n", "the summary")
     print(format_summary(summary))
     print(f"results: {args.out}  summary: {summary_path}")
     if args.plot is not None:

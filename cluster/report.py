@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.outputs import OutputPathError
+
 
 def plot_report(results: Path, summary: dict, png: Path) -> None:
     import matplotlib
@@ -26,9 +28,13 @@ def plot_report(results: Path, summary: dict, png: Path) -> None:
     fig.suptitle(f"{summary['answered']} prompts, {summary['errors']} errors, "
                  f"{summary['tokens_per_s'] or 0:.1f} tokens/s overall")  # fmt: skip
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=100)
+    except OSError as err:
+        raise OutputPathError(f"cannot write --plot {png}: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
 
 
 def _depths(ax, metrics: list[dict]) -> None:

@@ -9,10 +9,13 @@ last line (the coordinator died mid-write) is cut off first, so the file stays v
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.outputs import append_text
 
 
 def load_done(path: Path) -> set[str]:
@@ -41,14 +44,16 @@ def load_done(path: Path) -> set[str]:
 
 
 class ResultWriter:
-    """Appends records to the JSONL output, one flush per batch, never the same id twice."""
+    """Appends records to the JSONL output, one write per batch, never the same id twice. A
+    batch that cannot be written in full (a full disk) is cut off again and raises
+    OutputPathError: the file keeps every line before it, so a rerun resumes."""
 
     def __init__(self, path: Path, done: set[str]):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.written = set(done)
         self.duplicates_dropped = 0
-        self._file = path.open("a", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, records: list[dict]) -> list[dict]:
         """Write the records whose id is new; returns those written."""
@@ -60,12 +65,17 @@ class ResultWriter:
             self.written.add(record["id"])
             fresh.append(record)
         if fresh:
-            self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh))
-            self._file.flush()
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh)
+            kept = f"it keeps the {len(self.written) - len(fresh)} results before; re-run to resume"
+            try:
+                append_text(self._fd, text, self.path, kept)
+            except Exception:
+                self.written.difference_update(r["id"] for r in fresh)
+                raise
         return fresh
 
     def close(self):
-        self._file.close()
+        os.close(self._fd)
 
 
 @dataclass

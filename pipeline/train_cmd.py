@@ -184,6 +184,7 @@ def _fail(err: Exception) -> int:
 def run(args) -> int:
     from pipeline import distill
     from pipeline.drafter_io import DrafterCheckpointError
+    from pipeline.outputs import OutputPathError, check_writable
     from pipeline.prompts import PromptFileError
 
     t0 = time.time()
@@ -191,7 +192,10 @@ def run(args) -> int:
              Path(args.heldout_file or distill.HELDOUT_PROMPTS))  # fmt: skip
     try:  # the prompt files first: a bad one is named before minutes of model loading
         splits = distill.read_splits(files, (args.train_prompts, args.heldout_prompts))
-    except PromptFileError as err:
+        check_writable(args.out, "--out", folder=True)
+        if args.export:
+            check_writable(args.export, "--export", folder=True)
+    except (PromptFileError, OutputPathError) as err:
         return _fail(err)
     # Hashed now, as read: the record must describe these prompts even if a file changes later.
     digests = [hashlib.sha256(file.read_bytes()).hexdigest()[:16] for file in files]

@@ -6,10 +6,13 @@ tests/test_cluster_job.py.)"""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +382,98 @@ def test_train_refuses_an_out_of_range_count_before_any_work(tmp_path, flag, val
     want = f"must be >= {floor}, got {value}" if floor is not None else repr(value)
     assert want in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+ECHO = "cluster.testing:EchoEngine.from_env"
+
+
+@pytest.mark.parametrize(
+    "command, out_flag",
+    [
+        (["generate"], "--out"),
+        (["draft"], "--out"),
+        (["train"], "--out"),
+        (["bench", "decode"], "--out"),
+    ],
+)
+def test_an_output_under_a_regular_file_is_one_line_before_any_model_loads(
+    tmp_path, io, command, out_flag
+):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder\n")
+    out = blocker / "sub" / "o.jsonl"
+    # The model does not exist either: the error must be the output's, found first.
+    model = ["--model", str(tmp_path / "absent.gguf")]
+    extra = io[:2] if command[0] in ("generate", "draft") else []
+    result = cli(*command, *extra, *model, out_flag, str(out))
+    assert_user_error(result, str(out), f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "a file, not a folder\n"
+
+
+def test_an_output_that_is_a_folder_is_one_line(tmp_path, io):
+    result = cli("generate", *io[:2], "--out", str(tmp_path), "--engine-factory", ECHO)
+    assert_user_error(result, str(tmp_path), "is a folder")
+
+
+def _without_root_file_access():
+    """A preexec_fn for root: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so the program it executes runs with an ordinary user's file permissions."""
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+
+    def apply():
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return apply
+
+
+def test_an_unwritable_output_folder_for_a_non_root_user_is_one_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    out = locked / "sub" / "o.jsonl"
+    drop = {"preexec_fn": _without_root_file_access()} if os.geteuid() == 0 else {}
+    argv = ["generate", "--prompts", str(prompts), "--out", str(out),
+            "--model", str(tmp_path / "absent.gguf")]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True,
+                            text=True, timeout=120, env=ENV, **drop)  # fmt: skip
+    assert_user_error(result, str(out), f"(in {locked}): permission denied")
+    assert list(locked.iterdir()) == []
+
+
+def _limit_file_size(limit: int):
+    """A preexec_fn: the kernel refuses writes past `limit` bytes (EFBIG; Python ignores
+    SIGXFSZ), as a full disk refuses them (ENOSPC): a record is cut mid-line the same way."""
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_mid_run_keeps_valid_jsonl_names_the_file_and_resumes(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    ids = [f"q{i:02d}" for i in range(40)]
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"prompt {i} " * 3}) + "\n"
+                               for i in ids))  # fmt: skip
+    out = tmp_path / "o.jsonl"
+    argv = [sys.executable, "-m", "pipeline", "generate", "--prompts", str(prompts), "--out",
+            str(out), "--engine-factory", ECHO, "--batch-size", "4", "--no-progress"]  # fmt: skip
+    full = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=ENV,
+                          preexec_fn=_limit_file_size(3000))  # fmt: skip
+    assert_user_error(full, f"cannot write {out}", "re-run to resume")
+    data = out.read_bytes()
+    assert 0 < len(data) <= 3000 and data.endswith(b"\n")
+    kept = [json.loads(line)["id"] for line in data.decode().splitlines()]
+    assert 0 < len(kept) < len(ids)
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=ENV)
+    assert again.returncode == 0, again.stderr
+    lines = out.read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == ids  # each exactly once
+    assert lines[: len(kept)] == data.decode().splitlines()
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["skipped_already_done"] == len(kept)
+    assert summary["answered"] == len(ids) - len(kept)
