@@ -73,8 +73,9 @@ def stop_cluster(temp_dir: str, gcs_port: int) -> None:
             p.kill()
 
 
-@pytest.fixture(scope="module")
-def head():
+@contextlib.contextmanager
+def running_head(dashboard_host: str = "127.0.0.1"):
+    """A `ray start --head` cluster in its own temp dir on free ports, stopped afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="/tmp/sdray")  # short: Ray's unix sockets live in it
     gcs, dashboard, client, agent = free_ports(4)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -85,7 +86,7 @@ def head():
     ]  # fmt: skip
     command = [
         *ray_start, "--head", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--dashboard-host={dashboard_host}", f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
         "--num-cpus=4",
     ]  # fmt: skip
@@ -94,6 +95,12 @@ def head():
         yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, ray_start)
     finally:
         stop_cluster(temp_dir, gcs)
+
+
+@pytest.fixture(scope="module")
+def head():
+    with running_head() as cluster:
+        yield cluster
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -246,3 +253,39 @@ def test_cli_unreachable_cluster_says_how_to_start_one(tmp_path):
     result = specdraft("generate", *io, "--address", f"127.0.0.1:{port}", "--engine-factory", ECHO)
     assert result.returncode == 2, result.stderr
     assert "cannot reach a Ray cluster" in result.stderr and "ray start --head" in result.stderr
+
+
+def test_info_on_a_loopback_cluster_does_not_warn(head):
+    result = specdraft("info", "--address", head.address, "--json", env=head.env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ray_report = json.loads(result.stdout)["ray"]
+    assert ray_report["connected"] and ray_report["dashboard"].endswith(head.dashboard[-5:])
+    assert "warning" not in ray_report and "WARNING" not in result.stderr
+
+
+def test_info_warns_when_the_job_api_listens_beyond_loopback():
+    with running_head(dashboard_host="0.0.0.0") as exposed:
+        result = specdraft("info", "--address", exposed.address, env=exposed.env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    port = exposed.dashboard.rsplit(":", 1)[1]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1, result.stderr
+    assert f"(port {port}) listen on 0.0.0.0" in warning[0]
+    assert "--dashboard-host 127.0.0.1" in warning[0] and "RAY_AUTH_MODE=token" in warning[0]
+
+
+def test_listening_addresses_are_read_from_the_kernel():
+    from cluster.commands.info import exposure_warning, listening_hosts
+
+    with contextlib.ExitStack() as stack:
+        wide, local = (stack.enter_context(socket.socket()) for _ in range(2))
+        wide.bind(("0.0.0.0", 0))
+        local.bind(("127.0.0.1", 0))
+        for s in (wide, local):
+            s.listen()
+        wide_port, local_port = wide.getsockname()[1], local.getsockname()[1]
+        assert listening_hosts(wide_port) == ["0.0.0.0"]
+        assert listening_hosts(local_port) == ["127.0.0.1"]
+        assert exposure_warning(f"127.0.0.1:{wide_port}") is not None
+        assert exposure_warning(f"http://127.0.0.1:{local_port}") is None
+        assert "10.0.0.5" in exposure_warning(f"10.0.0.5:{local_port}")
