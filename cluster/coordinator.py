@@ -239,13 +239,15 @@ def run_job(
     config: DispatchConfig,
     progress: bool = True,
     workers: int = 1,
+    done_before: frozenset[str] = frozenset(),
 ) -> dict:
     """Resume-aware job around any batch runner (Ray or in-process); returns the summary dict.
     Batches shrink below `config.batch_size` when there are too few prompts to give each of
-    the `workers` one."""
+    the `workers` one. `done_before`: ids answered in a file other than `out` (a finished
+    Parquet output), skipped like those in `out`."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    done = load_done(out)
+    done = load_done(out) | done_before
     todo = [item for item in prompts.items if item.id not in done]
     stats = JobStats(total=len(prompts.ids), skipped=len(set(prompts.ids) & done))
     writer = ResultWriter(out, done)

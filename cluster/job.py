@@ -33,15 +33,27 @@ from pathlib import Path
 
 from cluster.cli import UserError
 from cluster.commands import engine_args
+from cluster.results import (
+    FORMATS,
+    finish_parquet,
+    output_format,
+    parquet_ids,
+    partial_path,
+    read_records,
+)
 from pipeline.outputs import check_writable, write_text
 from pipeline.prompts import PromptFileError, read_prompts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by `generate` and `draft`."""
+def add_arguments(parser: argparse.ArgumentParser, kind: str = "generate") -> None:
+    """The flags of `generate` or `draft` (`kind`)."""
     io = parser.add_argument_group("input and output")
     io.add_argument("--prompts", type=Path, required=True, help="JSONL ({id, prompt}) or text")
-    io.add_argument("--out", type=Path, required=True, help="JSONL results; re-run to resume")
+    io.add_argument("--out", type=Path, required=True, help="results; re-run to resume")
+    io.add_argument("--format", choices=FORMATS, default=None,
+                    help="jsonl (default), or parquet (default for a .parquet --out; needs "
+                         "pyarrow: the `parquet` extra): records stream to OUT.partial.jsonl, "
+                         "which a rerun resumes, and OUT is written when the job ends")  # fmt: skip
     io.add_argument("--plot", type=Path, default=None, help="also write a PNG report here")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = parser.add_argument_group("where it runs (default: in this process, no Ray)")
@@ -54,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--no-spread", action="store_true", help="do not spread over nodes")
     where.add_argument("--max-restarts", type=int, default=1, help="restarts of a dead worker")
     where.add_argument("--in-flight", type=int, default=2, help="batches queued per worker")
-    engine_args.add_arguments(parser)
+    engine_args.add_arguments(parser, kind)
 
 
 def run(args: argparse.Namespace, kind: str) -> int:
@@ -71,23 +83,33 @@ def run(args: argparse.Namespace, kind: str) -> int:
         check_writable(summary_path, "--out (its summary)")
         if args.plot is not None:
             check_writable(args.plot, "--plot")
+        fmt = output_format(args.out, args.format)
+        records = args.out
+        done_before = frozenset()
+        if fmt == "parquet":
+            records = partial_path(args.out)
+            check_writable(records, "--out (its partial records)")
+            done_before = frozenset(parquet_ids(args.out))
     except (PromptFileError, ValueError) as err:
         raise UserError(str(err)) from None
-    factory = engine_args.engine_factory(args)
+    factory = engine_args.engine_factory(args, kind)
     address = args.address or (None if args.local else os.environ.get("RAY_ADDRESS"))
+    where = (args, kind, prompts, factory, config, records, done_before)
     if address or args.local or (args.workers or 0) > 0:
-        summary = _run_on_ray(args, kind, prompts, factory, config, address)
+        summary = _run_on_ray(*where, address)
     else:
-        summary = _run_in_process(args, kind, prompts, factory, config)
+        summary = _run_in_process(*where)
+    if fmt == "parquet":
+        summary["parquet_rows"] = finish_parquet(args.out, records)
     write_text(summary_path, json.dumps(summary, indent=2) + "\n", "the summary")
     print(format_summary(summary))
     print(f"results: {args.out}  summary: {summary_path}")
     if args.plot is not None:
-        _plot(args.out, summary, args.plot)
+        _plot(args.out, fmt, summary, args.plot)
     return 0
 
 
-def _run_in_process(args, kind, prompts, factory, config) -> dict:
+def _run_in_process(args, kind, prompts, factory, config, records, done_before) -> dict:
     from cluster.coordinator import in_process_runner, run_job
 
     try:
@@ -95,10 +117,11 @@ def _run_in_process(args, kind, prompts, factory, config) -> dict:
     except FileNotFoundError as err:  # e.g. the model is not fetched: the message says how
         raise UserError(str(err)) from None
     runner = in_process_runner(engine, kind)
-    return _guard(run_job, prompts, args.out, kind, runner, config, not args.no_progress)
+    progress = not args.no_progress
+    return _guard(run_job, prompts, records, kind, runner, config, progress, 1, done_before)
 
 
-def _run_on_ray(args, kind, prompts, factory, config, address) -> dict:
+def _run_on_ray(args, kind, prompts, factory, config, records, done_before, address) -> dict:
     from cluster.coordinator import ray_runner, run_job, start_workers
     from cluster.worker import WorkerResources
 
@@ -124,7 +147,8 @@ def _run_on_ray(args, kind, prompts, factory, config, address) -> dict:
         try:
             runner = ray_runner(pool.actors, kind, config)
             progress = not args.no_progress
-            summary = _guard(run_job, prompts, args.out, kind, runner, config, progress, workers)
+            summary = _guard(run_job, prompts, records, kind, runner, config, progress, workers,
+                             done_before)  # fmt: skip
         finally:
             pool.shutdown()
     summary["worker_placement"] = {n: {"node_id": i["node_id"]} for n, i in pool.info.items()}
@@ -184,10 +208,10 @@ def _guard(run_job, *args) -> dict:
         raise UserError(str(err)) from None
 
 
-def _plot(results: Path, summary: dict, png: Path) -> None:
+def _plot(results: Path, fmt: str, summary: dict, png: Path) -> None:
     from cluster.report import plot_report
 
-    plot_report(results, summary, png)
+    plot_report(read_records(results, fmt), summary, png)
     print(f"plot: {png}")
 
 

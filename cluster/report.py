@@ -1,4 +1,4 @@
-"""`--plot`: a PNG report of a finished job, from its JSONL results and summary.
+"""`--plot`: a PNG report of a finished job, from its result records and summary.
 
 Three panels: acceptance per draft depth (the fraction of verify steps that accepted drafted
 token d, averaged over prompts), the histogram of tokens per verify step per prompt (1 = nothing
@@ -7,19 +7,17 @@ accepted, L+1 = the whole draft plus the bonus token), and tokens/s per worker.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.outputs import OutputPathError
 
 
-def plot_report(results: Path, summary: dict, png: Path) -> None:
+def plot_report(records: list[dict], summary: dict, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed on a cluster node
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     metrics = [r["metrics"] for r in records if r.get("metrics")]
     fig, (depth_ax, hist_ax, worker_ax) = plt.subplots(1, 3, figsize=(15, 4))
     _depths(depth_ax, metrics)

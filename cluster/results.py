@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.outputs import append_text
+from pipeline.outputs import OutputPathError, append_text
 
 
 def load_done(path: Path) -> set[str]:
@@ -41,6 +41,79 @@ def load_done(path: Path) -> set[str]:
         with path.open("r+b") as f:
             f.truncate(good_end)
     return done
+
+
+FORMATS = ("jsonl", "parquet")
+PARQUET_HINT = "pip install 'specdraft[parquet]' (pyarrow)"
+
+
+def output_format(out: Path, given: str | None) -> str:
+    """`given`, else parquet for a `.parquet` path, else jsonl."""
+    if given is not None:
+        return given
+    return "parquet" if out.suffix == ".parquet" else "jsonl"
+
+
+def partial_path(out: Path) -> Path:
+    """Where a Parquet job streams its records (resumable JSONL) until it writes `out`."""
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"--format parquet needs pyarrow: {PARQUET_HINT}") from None
+    return pa, pq
+
+
+def require_parquet() -> None:
+    """A ValueError saying how to install pyarrow when it is missing."""
+    _pyarrow()
+
+
+def parquet_ids(out: Path) -> set[str]:
+    """Ids in a finished Parquet output (none if it does not exist yet)."""
+    if not out.exists():
+        return set()
+    _, pq = _pyarrow()
+    try:
+        return {str(i) for i in pq.read_table(out, columns=["id"]).column("id").to_pylist()}
+    except Exception as err:  # pyarrow raises its own types for a foreign or corrupt file
+        raise ValueError(f"{out}: not a Parquet result file ({err})") from None
+
+
+def read_records(out: Path, fmt: str) -> list[dict]:
+    """Every record of a finished output, JSONL or Parquet."""
+    if fmt == "parquet":
+        _, pq = _pyarrow()
+        return pq.read_table(out).to_pylist()
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+def finish_parquet(out: Path, partial: Path) -> int:
+    """Write `out` as the rows already in it plus the records of `partial` (then removed),
+    atomically; returns its row count. Records with different fields share one schema (missing
+    fields are null)."""
+    pa, pq = _pyarrow()
+    records = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    tables = [pq.read_table(out)] if out.exists() else []
+    if records:
+        tables.append(pa.Table.from_struct_array(pa.array(records)))
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise OutputPathError(f"cannot write {out}: {err.strerror or err}; the results are "
+                              f"kept in {partial}, re-run to finish") from None  # fmt: skip
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    partial.unlink()
+    return table.num_rows
 
 
 class ResultWriter:
@@ -161,9 +234,10 @@ class JobStats:
 
 
 def result_tokens(record: dict) -> tuple[int, int]:
-    """(new tokens, decode steps) of one result; steps is 0 when the engine does not say."""
+    """(new tokens, decode steps) of one result, drafted tokens for a draft record; steps is 0
+    when the engine does not say."""
     metrics = record.get("metrics") or {}
-    tokens = metrics.get("new_tokens")
+    tokens = metrics.get("new_tokens", metrics.get("drafted_tokens"))
     if tokens is None:
         ids = record.get("token_ids") or []
         tokens = len(ids) if all(isinstance(t, int) for t in ids) else 0

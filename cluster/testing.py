@@ -72,7 +72,9 @@ class EchoEngine:
         }
         result = {"id": item_id, "text": text[::-1], "token_ids": token_ids, "metrics": metrics}
         if draft:
-            result["beams"] = [token_ids[:4], token_ids[1:5]]
+            drafts = [token_ids[1:5], token_ids[2:6]]
+            result["llm_token"] = token_ids[0] if token_ids else None
+            result["drafts"] = [{"tokens": d, "text": "", "score": -float(len(d))} for d in drafts]
         return result
 
 

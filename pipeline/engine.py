@@ -3,7 +3,8 @@
 `Engine.from_config(EngineConfig)` loads the target (GGUF or HF folder), its tokenizer and the
 drafter; `Engine.from_params(...)` wraps in-memory params (tiny random models in tests).
 `engine.generate(items)` / `engine.draft(items)` take `PromptItem`s and return one dict per item:
-`{"id", "text", "token_ids", "metrics"}` (or `{"id", "error"}`). Metrics:
+`{"id", "text", "token_ids", "metrics"}` (or `{"id", "error"}`; `draft`: see `Engine.draft`).
+Metrics:
 - `llm_calls`: target forward passes for the row (prefill + verify steps while it was active);
   `steps`: the verify steps alone; `new_tokens`: generated tokens.
 - `accepted_per_call`: mean tokens emitted per verify step, COUNTING THE BONUS TOKEN (accepted
@@ -54,6 +55,7 @@ from pipeline.prompts import PromptItem
 from sharding import make_mesh, replicate, shard_jit
 
 DTYPES = ("float32", "bfloat16")  # what EngineConfig.dtype accepts
+DRAFT_METHODS = ("beam", "sample")  # what EngineConfig.draft_method accepts
 MATMULS = ("auto", "kernel", "xla")  # what EngineConfig.matmul accepts
 PROMPT_WIDTH_MULTIPLE = 32  # prompts are padded to a multiple of this: few distinct compilations
 
@@ -96,6 +98,14 @@ class EngineConfig:
     # same loop cost: 1.36x AR against 1.31x at batch 1, 1.12x both at batch 8 (README).
     lookup: int = 4
     lookup_in_place: bool = True
+    # How the drafter proposes: "beam", the reference's beam search over `beam` (or, with
+    # `BeamConfig.tree`, the best-first tree); "sample", W independent samples from the drafter
+    # at `sampling`'s temperature, top-k and top-p (the seed's `sample_seq` vmapped over W and the
+    # batch; `speculative.SampledDraft`). Either way the target decides what is generated.
+    draft_method: str = "beam"
+    # `draft` records each drafted token's log-probability (under the distribution it was chosen
+    # from) beside the tokens.
+    draft_log_probs: bool = False
     sampling: SamplingConfig = SamplingConfig()
     max_new_tokens: int = 128
     devices: int | None = None
@@ -139,6 +149,11 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(self.lookup, int) or self.lookup < 0:
             raise ValueError(f"EngineConfig.lookup must be an int >= 0, got {self.lookup!r}")
+        if self.draft_method not in DRAFT_METHODS:
+            raise ValueError(
+                f"EngineConfig.draft_method must be one of {DRAFT_METHODS}, "
+                f"got {self.draft_method!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.matmul not in MATMULS:
@@ -346,7 +361,12 @@ class Engine:
         """The draft tree for a batch of `rows` prompts (`EngineConfig.beam`, `single_beam`), its
         cut costs measured here if it needs them (`EngineConfig.calibrate_cuts`)."""
         c = self.config
-        if rows == 1 and c.single_beam is not None and c.sampling.greedy:
+        if (
+            rows == 1
+            and c.single_beam is not None
+            and c.sampling.greedy
+            and c.draft_method == "beam"
+        ):
             return self._calibrated(c.single_beam)
         return self._calibrated(c.beam)
 
@@ -370,9 +390,12 @@ class Engine:
         return self.draft_params if rows * beam.draft_rows == 1 else self._draft_params_rows
 
     def draft_fns(self, beam: BeamConfig):
-        """(the drafter's own beam search, the draft function decoding uses: with the lookup
-        candidate if configured) for `beam`."""
-        beam_fn = spec.BeamDraft(self.drafter_config, beam)
+        """(the drafter's own drafts, `EngineConfig.draft_method` over `beam`; the draft function
+        decoding uses: those with the lookup candidate if configured)."""
+        if self.config.draft_method == "sample":
+            beam_fn = spec.SampledDraft(self.drafter_config, beam, self.config.sampling)
+        else:
+            beam_fn = spec.BeamDraft(self.drafter_config, beam)
         if not self.config.lookup:
             return beam_fn, beam_fn
         return beam_fn, spec.LookupDraft(beam_fn, self.config.lookup, self.config.lookup_in_place)
@@ -522,39 +545,52 @@ class Engine:
         return results
 
     def draft(self, items: list[PromptItem]) -> list[dict]:
-        """Prefill, take the target's first token and draft W beams (no verification)."""
+        """Prefill, take the target's first token and draft from it (no verification): per
+        prompt the LLM's token and W drafts, each its drafted tokens (the LLM's token not
+        included; a best-first tree's paths end where they end), their text and log-probability
+        (`score`), and with `EngineConfig.draft_log_probs` each token's log-probability.
+
+        Prompt `id` keys its randomness (`row_id`): its LLM token and draft w are drawn with keys
+        folded from the seed, the id and w, whatever batch, padding, device or worker it is on."""
+        c = self.config
         results = []
-        for start in range(0, len(items), self.config.batch_size):
-            chunk = items[start : start + self.config.batch_size]
+        for start in range(0, len(items), c.batch_size):
+            chunk = items[start : start + c.batch_size]
             toks, lengths = self._batch([self.encode(item) for item in chunk])
             ids = jnp.asarray([row_id(item.id) for item in chunk], jnp.int32)
             beam = self.beam_for(len(chunk))
-            static = (self.llm_config, self.draft_fns(beam)[0], self.config.sampling, beam.length)
-            drafts = jax.device_get(
-                self._draft(
-                    self.llm_params,
-                    self.draft_params_for(len(chunk), beam),
-                    toks,
-                    lengths,
-                    jax.random.key(self.config.seed),
-                    ids,
-                    *static,
-                )
-            )
+            static = (self.llm_config, self.draft_fns(beam)[0], c.sampling, beam.length)
+            t0 = time.perf_counter()
+            params = self.draft_params_for(len(chunk), beam)
+            key = jax.random.key(c.seed)
+            drafts = jax.device_get(self._draft(self.llm_params, params, toks, lengths, key, ids,
+                                                *static))  # fmt: skip
+            seconds = time.perf_counter() - t0
             for i, item in enumerate(chunk):
-                # A best-first tree's candidates are its paths, NO_TOKEN past their ends.
-                beams = [[int(t) for t in row if t != NO_TOKEN] for row in drafts.tokens[i]]
-                results.append(
-                    {
-                        "id": item.id,
-                        "text": self.tokenizer.decode(beams[0]),
-                        "token_ids": beams[0],
-                        "beams": beams,
-                        "beam_texts": [self.tokenizer.decode(b) for b in beams],
-                        "scores": [float(s) for s in drafts.scores[i]],
-                    }
-                )
+                results.append(self._draft_record(item, drafts, i, beam, seconds / len(chunk)))
         return results
+
+    def _draft_record(self, item: PromptItem, drafts, i: int, beam: BeamConfig, seconds) -> dict:
+        llm_token = int(drafts.tokens[i, 0, 0])
+        out = []
+        for row, score, token_lp in zip(drafts.tokens[i], drafts.scores[i],
+                                        drafts.token_log_probs[i], strict=True):  # fmt: skip
+            tokens = [int(t) for t in row[1:] if t != NO_TOKEN]
+            draft = {"tokens": tokens, "text": self.tokenizer.decode(tokens), "score": float(score)}
+            if self.config.draft_log_probs:
+                draft["log_probs"] = [float(x) for x in token_lp[: len(tokens)]]
+            out.append(draft)
+        drafted = sum(len(d["tokens"]) for d in out)
+        return {
+            "id": item.id,
+            "method": "tree" if beam.tree and self.config.draft_method == "beam" else
+                      self.config.draft_method,
+            "llm_token": llm_token,
+            "llm_text": self.tokenizer.decode([llm_token]),
+            "drafts": out,
+            "metrics": {"width": beam.width, "length": beam.length, "drafts": len(out),
+                        "drafted_tokens": drafted, "seconds": round(seconds, 6)},
+        }  # fmt: skip
 
     def describe(self) -> dict:
         return {

@@ -16,15 +16,60 @@ from pathlib import Path
 
 from drafter.config import BeamConfig
 from drafter.sampling import SamplingConfig
-from pipeline.engine import DTYPES, MATMULS, Engine, EngineConfig
+from pipeline.engine import DRAFT_METHODS, DTYPES, MATMULS, Engine, EngineConfig
 
 DEFAULTS = EngineConfig()
+DRAFT_COMMAND_METHODS = ("beam", "sample", "tree")
+DRAFT_SHAPE = BeamConfig(width=4, length=5)  # `specdraft draft`'s default W x L
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("speculative decoding")
+def add_engine_arguments(parser: argparse.ArgumentParser, kind: str = "generate") -> None:
+    """The engine's flags for `kind`: "generate" (speculative decoding) or "draft" (drafts only:
+    no decoding flags)."""
+    if kind == "draft":
+        _add_draft_arguments(parser)
+    else:
+        _add_decode_arguments(parser)
+    g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     g.add_argument("--drafter", default=None, help="drafter folder (default: the shipped one)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--devices", type=int, default=None, help="local devices (default: all)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                   help="prompts per batch")  # fmt: skip
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help="sampling key (with the prompt's id)")  # fmt: skip
+    g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
+                   help="target weights (the KV cache stays fp32); bfloat16 halves their memory, "
+                        "greedy output stays exactly AR's (README)")  # fmt: skip
+    g.add_argument("--matmul", choices=MATMULS, default=DEFAULTS.matmul,
+                   help="the target's few-row matmuls: the small-M CPU kernel (built with g++ on "
+                        "first use), XLA's dot, or auto: the kernel where it applies")  # fmt: skip
+
+
+def _add_draft_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("drafting")
+    g.add_argument("--method", choices=DRAFT_COMMAND_METHODS, default="beam",
+                   help="beam: the reference's beam search (W beams, best first); sample: W "
+                        "independent samples from the drafter (temperature, top-k, top-p); tree: "
+                        "the best-first tree of L drafted tokens from the top-W children of each "
+                        "(its L root-to-node paths). Default beam")  # fmt: skip
+    g.add_argument("--width", type=int, default=DRAFT_SHAPE.width,
+                   help=f"W: drafts per prompt (tree: children per node; default "
+                        f"{DRAFT_SHAPE.width})")  # fmt: skip
+    g.add_argument("--length", type=int, default=DRAFT_SHAPE.length,
+                   help=f"L: tokens per draft (tree: drafted tokens; default "
+                        f"{DRAFT_SHAPE.length})")  # fmt: skip
+    g.add_argument("--temperature", type=float, default=None,
+                   help="for the LLM's token and the samples (default: 1.0 with --method sample, "
+                        "the drafter's own distribution; else 0, greedy)")  # fmt: skip
+    g.add_argument("--log-probs", action="store_true",
+                   help="also write each drafted token's log-probability")  # fmt: skip
+
+
+def _add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding")
     one = DEFAULTS.single_beam
     g.add_argument("--width", type=int, default=None,
                    help=f"beam width W for every batch (default: {DEFAULTS.beam.width}; "
@@ -47,6 +92,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "say so (BeamConfig.cuts; `--cuts` alone: never cut; default: "
                         f"{' '.join(map(str, one.cuts)) or 'none'} for a greedy batch of one "
                         "prompt)")  # fmt: skip
+    g.add_argument("--draft-method", choices=DRAFT_METHODS, default=DEFAULTS.draft_method,
+                   help="beam: the drafter's beam search or tree (above); sample: W independent "
+                        "samples from the drafter at the decoding temperature, top-k and top-p "
+                        "(for temperature > 0; output is the same law either way)")  # fmt: skip
     g.add_argument("--lookup", type=int, default=DEFAULTS.lookup, metavar="N",
                    help="add a draft copied from the context after its longest repeated n-gram "
                         "of <= N tokens (0: drafter only; default 4)")  # fmt: skip
@@ -55,20 +104,35 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="put the lookup draft in place of the last beam (when it matched >= 2 "
                         "tokens) instead of adding one: the tree keeps its size")  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                    help="answer length cap")  # fmt: skip
-    g.add_argument("--devices", type=int, default=None, help="local devices (default: all)")
-    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
-                   help="prompts decoded together")  # fmt: skip
-    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="sampling key (temperature > 0)")
-    g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
-                   help="target weights (the KV cache stays fp32); bfloat16 halves their memory, "
-                        "greedy output stays exactly AR's (README)")  # fmt: skip
-    g.add_argument("--matmul", choices=MATMULS, default=DEFAULTS.matmul,
-                   help="the target's few-row matmuls: the small-M CPU kernel (built with g++ on "
-                        "first use), XLA's dot, or auto: the kernel where it applies")  # fmt: skip
+
+
+def draft_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of `add_engine_arguments(parser, "draft")` flags: one W x L shape for
+    every batch, no lookup (errors name the flag)."""
+    for flag in ("width", "length"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    sample = args.method == "sample"
+    temperature = (1.0 if sample else 0.0) if args.temperature is None else args.temperature
+    return EngineConfig(
+        model=args.model,
+        drafter=args.drafter,
+        beam=BeamConfig(width=args.width, length=args.length, tree=args.method == "tree"),
+        single_beam=None,
+        lookup=0,
+        draft_method="sample" if sample else "beam",
+        draft_log_probs=args.log_probs,
+        sampling=SamplingConfig(temperature, args.top_k, args.top_p),
+        max_new_tokens=2,  # the LLM's first token; drafting needs room for L more
+        devices=args.devices,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        matmul=args.matmul,
+        time_phases=False,
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -100,6 +164,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         **shape,
         lookup=args.lookup,
         lookup_in_place=args.lookup_in_place,
+        draft_method=args.draft_method,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         max_new_tokens=args.max_new_tokens,
         devices=args.devices,

@@ -131,9 +131,11 @@ def test_draft_returns_beams_rooted_at_the_first_greedy_token():
     drafted = eng.draft(ITEMS)
     generated = eng.generate(ITEMS)
     for d, g in zip(drafted, generated, strict=True):
-        assert d["id"] == g["id"] and len(d["beams"]) == 3
-        assert all(len(b) == 3 and b[0] == g["token_ids"][0] for b in d["beams"])
-        assert d["scores"] == sorted(d["scores"], reverse=True)
+        assert d["id"] == g["id"] and len(d["drafts"]) == 3
+        assert d["llm_token"] == g["token_ids"][0]
+        assert all(len(b["tokens"]) == 2 for b in d["drafts"])
+        scores = [b["score"] for b in d["drafts"]]
+        assert scores == sorted(scores, reverse=True)
 
 
 def test_a_greedy_batch_of_one_prompt_drafts_with_single_beam():
@@ -150,7 +152,7 @@ def test_a_greedy_batch_of_one_prompt_drafts_with_single_beam():
         m = r["metrics"]
         assert (m["width"], m["length"], len(m["acceptance_per_depth"])) == (1, 4, 4)
     assert {(r["metrics"]["width"], r["metrics"]["length"]) for r in together} == {(3, 2)}
-    assert len(eng.draft(ITEMS[:1])[0]["beams"][0]) == 5  # the drafter's own beam, L = 4
+    assert len(eng.draft(ITEMS[:1])[0]["drafts"][0]["tokens"]) == 4  # the drafter's own, L = 4
     # Sampling keeps `beam` (a prompt's draws must not depend on its batch); None: always `beam`.
     hot = dataclasses.replace(config, sampling=SamplingConfig(temperature=1.0))
     assert Engine.from_params(CONFIG, llm, config=hot).beam_for(1) == BeamConfig(3, 2)
@@ -205,8 +207,8 @@ def test_a_best_first_tree_for_one_prompt_is_exact():
         m = r["metrics"]
         assert (m["width"], m["length"], m["tree"]) == (3, 4, True)
         assert len(m["acceptance_per_depth"]) == 4
-    paths = eng.draft(ITEMS[:1])[0]["beams"]
-    assert len(paths) == 4 and all(2 <= len(p) <= 5 for p in paths)  # LLM token + 1..4 drafted
+    paths = [d["tokens"] for d in eng.draft(ITEMS[:1])[0]["drafts"]]
+    assert len(paths) == 4 and all(1 <= len(p) <= 4 for p in paths)  # 1..4 drafted tokens
     assert all(t >= 0 for p in paths for t in p)
 
 
@@ -224,8 +226,8 @@ def test_a_per_root_tree_for_one_prompt_is_exact():
         assert r["token_ids"] == [int(t) for t in want.tokens[0, : want.lengths[0]]]
         m = r["metrics"]
         assert (m["width"], m["length"], m["per_root"]) == (2, 4, True)
-    beams = eng.draft(ITEMS[:1])[0]["beams"]
-    assert len(beams) == 2 and beams[0][1] != beams[1][1]  # two distinct first tokens
+    beams = [d["tokens"] for d in eng.draft(ITEMS[:1])[0]["drafts"]]
+    assert len(beams) == 2 and beams[0][0] != beams[1][0]  # two distinct first tokens
 
 
 def test_a_cut_tree_gets_costs_measured_here_and_reports_them():

@@ -9,7 +9,7 @@ from cluster import job
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    job.add_arguments(parser)
+    job.add_arguments(parser, "draft")
 
 
 def run(args: argparse.Namespace) -> int:

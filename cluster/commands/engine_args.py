@@ -17,12 +17,13 @@ from typing import Any
 from cluster.cli import UserError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's own flags (pipeline.generate_cmd, one definition for every entry point,
-    `--batch-size` included: the coordinator's batches are the engine's) + --engine-factory."""
+def add_arguments(parser: argparse.ArgumentParser, kind: str = "generate") -> None:
+    """The engine's own flags for `kind` (pipeline.generate_cmd, one definition for every entry
+    point, `--batch-size` included: the coordinator's batches are the engine's) +
+    --engine-factory."""
     from pipeline.generate_cmd import add_engine_arguments
 
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, kind)
     parser.add_argument(
         "--engine-factory",
         default=None,
@@ -31,13 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
+def engine_factory(args: argparse.Namespace, kind: str = "generate") -> Callable[[], Any]:
     if args.engine_factory:
         return load_callable(args.engine_factory)
     from cluster.worker import EngineFactory
-    from pipeline.generate_cmd import engine_config_from_args
+    from pipeline.generate_cmd import draft_config_from_args, engine_config_from_args
 
     try:
+        if kind == "draft":
+            return EngineFactory(draft_config_from_args(args))
         return EngineFactory(engine_config_from_args(args))
     except ValueError as err:
         raise UserError(str(err)) from None
