@@ -15,25 +15,33 @@ Weights are held packed (`PackedWeight`: `[N/32, K, 32]`, 32-column panels conti
 `K`) and `matmul` dispatches: up to `KERNEL_MAX_ROWS` rows through the kernel, more through XLA
 on the same packed array (prefill, big batches). Packed weights are fp32, or bf16 (`pack(w,
 jnp.bfloat16)`: half the bytes, widened exactly in the kernel; the engine's drafter head rows,
-`EngineConfig.draft_head_dtype`). The kernel is compiled with the machine's C++
-compiler (`-march=native`, plus `$SPECDRAFT_KERNEL_CXXFLAGS`) into
-`~/.cache/specdraft/kernels/<hash>/`, keyed by the source, the compiler, the CPU, jaxlib and
-those flags; without a compiler `available()` is False with the reason in
-`unavailable_reason()`, and callers keep XLA's dot.
+`EngineConfig.draft_head_dtype`).
+
+The kernel is compiled with the machine's C++ compiler (`$CXX`, else `g++` or `c++` on PATH;
+`-march=native`, plus `$SPECDRAFT_KERNEL_CXXFLAGS`) into `~/.cache/specdraft/kernels/<hash>/`
+(`$SPECDRAFT_CACHE/kernels/<hash>/` where that is set), keyed by the source, the compiler's
+`--version`, the target as the compiler resolves `-march=native` with those flags (its predefined
+macros: the instruction set extensions and the CPU it tunes for), jaxlib and the flags. A build
+that fails, or runs past `$SPECDRAFT_KERNEL_BUILD_TIMEOUT_S` (`BUILD_TIMEOUT_S`, 300 s), leaves
+its error in that folder's `build-failed.txt`, which later processes report without compiling
+until it is deleted. Without a working compiler `available()` is False with the reason in
+`unavailable_reason()`, and callers keep XLA's ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
 import functools
 import hashlib
 import os
-import platform
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -49,6 +57,16 @@ SOURCE = Path(__file__).with_name("small_matmul.cc")
 # Rows (the product of x's leading dims) the kernel serves; more go to XLA. Decode steps and
 # verify trees are far below; prefill is far above.
 KERNEL_MAX_ROWS = 32
+# The build's code generation flags. The target query for the cache key passes them too, so the
+# key holds the instruction set the build will use.
+CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fPIC")
+# Seconds one compiler run (the build, or a query for the key) may take: a hung compiler would
+# otherwise hold the build lock, and with it every worker waiting to load the kernel.
+BUILD_TIMEOUT_S = 300.0
+# How much longer than the build timeout a process waits for another's build before giving up.
+LOCK_MARGIN_S = 60.0
+FAILED = "build-failed.txt"  # a failed build's error, in its cache folder
+STDERR_TAIL = 4000  # characters of a failed compiler's stderr kept in its reason
 
 
 def _cache_root() -> Path:
@@ -56,18 +74,18 @@ def _cache_root() -> Path:
     return Path(base) / "kernels"
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+def _compiler() -> str:
+    """The C++ compiler's path: `$CXX` (a name on PATH, or a path), else g++ or c++ on PATH."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        found = shutil.which(cxx)
+        if found is None:
+            raise RuntimeError(f"no C++ compiler: $CXX is {cxx!r}, which is not an executable")
+        return found
+    found = shutil.which("g++") or shutil.which("c++")
+    if found is None:
+        raise RuntimeError("no C++ compiler: no g++ or c++ on PATH, and $CXX is not set")
+    return found
 
 
 def _extra_flags() -> list[str]:
@@ -76,35 +94,150 @@ def _extra_flags() -> list[str]:
     return os.environ.get("SPECDRAFT_KERNEL_CXXFLAGS", "").split()
 
 
-def _build(cxx: str) -> Path:
+def _build_timeout() -> float:
+    """`$SPECDRAFT_KERNEL_BUILD_TIMEOUT_S`, else `BUILD_TIMEOUT_S`."""
+    text = os.environ.get("SPECDRAFT_KERNEL_BUILD_TIMEOUT_S", "").strip()
+    if not text:
+        return BUILD_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise RuntimeError(
+            f"$SPECDRAFT_KERNEL_BUILD_TIMEOUT_S must be a positive number of seconds, got {text!r}"
+        )
+    return seconds
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`cmd` run to its end, or `subprocess.TimeoutExpired` after `timeout` seconds. It runs in
+    its own session so that a timeout kills what it started too (the driver's cc1plus, as, ld),
+    not only the driver."""
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace",
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:  # the timeout, or an interrupt
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _attempt(cmd: list[str], timeout: float) -> tuple[str | None, str]:
+    """Runs `cmd`: (None, its stdout) if it succeeds, else (what went wrong, "")."""
+    shown = " ".join(cmd)
+    try:
+        done = _run(cmd, timeout)
+    except subprocess.TimeoutExpired:
+        return (f"`{shown}` ran past the build timeout of {timeout:g} s "
+                "($SPECDRAFT_KERNEL_BUILD_TIMEOUT_S) and was killed"), ""  # fmt: skip
+    except OSError as err:
+        return f"`{shown}` could not start: {err}", ""
+    if done.returncode != 0:
+        return f"`{shown}` exited with {done.returncode}:\n{done.stderr[-STDERR_TAIL:]}", ""
+    return None, done.stdout
+
+
+def _query(cmd: list[str], timeout: float) -> str:
+    """A compiler query's stdout; a RuntimeError with the reason if it fails or times out."""
+    error, out = _attempt(cmd, timeout)
+    if error is not None:
+        raise RuntimeError(f"asking the C++ compiler for the kernel's cache key failed: {error}")
+    return out
+
+
+def _target(cxx: str, flags: list[str], timeout: float) -> str:
+    """What the compiler makes of `-march=native` and `flags` on this machine: its predefined
+    macros (instruction set extensions, the CPU it tunes for), sorted. GCC and Clang both answer
+    this, on any architecture."""
+    out = _query([cxx, *CXXFLAGS, *flags, "-x", "c++", "-E", "-dM", "-"], timeout)
+    return "\n".join(sorted(out.splitlines()))
+
+
+def _out_dir(cxx: str, flags: list[str], timeout: float) -> Path:
+    """The build's folder: a hash of what the library's code depends on. The compiler's own view
+    of the target, not /proc/cpuinfo, so one home folder serves different CPUs safely."""
     import jaxlib
 
-    include = jax.ffi.include_dir()
-    flags = _extra_flags()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), _cpu_signature().encode(),
-                 jaxlib.__version__.encode(), " ".join(flags).encode()):  # fmt: skip
+    for part in (SOURCE.read_bytes(), _query([cxx, "--version"], timeout).encode(),
+                 _target(cxx, flags, timeout).encode(), jaxlib.__version__.encode(),
+                 " ".join(flags).encode()):  # fmt: skip
         key.update(part)
         key.update(b"\0")
-    out_dir = _cache_root() / key.hexdigest()[:16]
-    lib = out_dir / "libsmall_matmul.so"
+    return _cache_root() / key.hexdigest()[:16]
+
+
+def _check_not_failed(marker: Path) -> None:
+    """Raises a cached build failure's error, with how to try again."""
+    try:
+        error = marker.read_text()
+    except FileNotFoundError:
+        return
+    raise RuntimeError(_failure_reason(marker, error))
+
+
+def _failure_reason(marker: Path, error: str) -> str:
+    return (f"building {SOURCE.name} failed, and later processes will not try again until "
+            f"{marker} (or its folder) is deleted: {error.rstrip()}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait_s: float):
+    """An exclusive flock on `path`, waited for up to `wait_s` seconds."""
+    with open(path, "w") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"waited {wait_s:g} s for another process's build of {SOURCE.name} "
+                        f"(it holds {path}); giving up"
+                    ) from None
+                time.sleep(0.2)
+        yield
+
+
+def _build(cxx: str) -> Path:
+    """The library's path: from the cache, else compiled now. A RuntimeError says why not."""
+    flags = _extra_flags()
+    timeout = _build_timeout()
+    out_dir = _out_dir(cxx, flags, timeout)
+    lib, marker = out_dir / "libsmall_matmul.so", out_dir / FAILED
     if lib.exists():
         return lib
+    _check_not_failed(marker)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # One build per machine at a time (Ray workers start together); the others wait and reuse it.
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # One build per machine at a time (Ray workers start together); the others wait and reuse its
+    # library or its failure.
+    with _locked(out_dir / ".lock", timeout + LOCK_MARGIN_S):
         if lib.exists():
             return lib
+        _check_not_failed(marker)
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
         os.close(fd)
-        cmd = [cxx, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
-               "-fPIC", f"-I{include}", *flags, str(SOURCE), "-o", tmp]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr}")
-        os.replace(tmp, lib)
+        cmd = [cxx, *CXXFLAGS, "-shared", f"-I{jax.ffi.include_dir()}", *flags, str(SOURCE),
+               "-o", tmp]  # fmt: skip
+        try:
+            error, _ = _attempt(cmd, timeout)
+            if error is None:
+                os.replace(tmp, lib)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if error is not None:
+            # Written whole, then renamed: a process checking outside the lock never reads half.
+            fd, part = tempfile.mkstemp(dir=out_dir, suffix=".txt.tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(error + "\n")
+            os.replace(part, marker)
+            raise RuntimeError(_failure_reason(marker, error))
     return lib
 
 
@@ -112,11 +245,8 @@ def _build(cxx: str) -> Path:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if jax.default_backend() != "cpu":
         return None, f"the default backend is {jax.default_backend()}, not the CPU"
-    cxx = _compiler()
-    if cxx is None:
-        return None, "no C++ compiler (g++ or $CXX) on PATH"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        lib = ctypes.cdll.LoadLibrary(str(_build(_compiler())))
     except (RuntimeError, OSError) as err:
         return None, str(err)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
@@ -201,11 +331,11 @@ def kernel_matmul(x, packed):
     """[..., K] fp32 @ packed [N/32, K, 32] (fp32 or bf16) -> [..., N] fp32 through the FFI kernel
     (it must be `available()`). Under vmap the kernel sees all rows at once (x batched, the
     weight not)."""
-    if not available():
-        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
     p, k, c = packed.shape
     if x.shape[-1] != k:
         raise ValueError(f"kernel_matmul: x has {x.shape[-1]} features, the weight {k}")
+    if not available():
+        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (p * c,), F32)
     target = BF16_TARGET if packed.dtype == jnp.bfloat16 else TARGET
     call = jax.ffi.ffi_call(target, out, vmap_method="expand_dims")
