@@ -51,6 +51,10 @@ class DispatchConfig:
                 raise ValueError(f"DispatchConfig.{name} must be >= 1")
 
 
+class IncompleteJob(RuntimeError):
+    """The batch runner returned with prompts neither answered nor recorded as errors."""
+
+
 class AllWorkersDead(RuntimeError):
     """No worker is left and prompts remain; the output file holds what was done (resumable)."""
 
@@ -274,6 +278,12 @@ def run_job(
     finally:
         bar.close()
         writer.close()
+    missing = [i for i in prompts.ids if i not in writer.written]
+    if missing:  # a runner that returned without answering: never report such a job as done
+        raise IncompleteJob(
+            f"{len(missing)} prompts were neither answered nor recorded as errors (first: "
+            f"{missing[0]!r}); {out} keeps the rest. Re-run the same command to finish them."
+        )
     summary = stats.summary()
     summary["duplicates_dropped"] = writer.duplicates_dropped
     return summary
@@ -302,6 +312,7 @@ def in_process_runner(engine: Any, kind: str):
 
 __all__ = [
     "AllWorkersDead",
+    "IncompleteJob",
     "DispatchConfig",
     "WorkerPool",
     "in_process_runner",

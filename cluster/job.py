@@ -198,11 +198,11 @@ def _check_reachable(address: str) -> None:
 
 
 def _guard(run_job, *args) -> dict:
-    from cluster.coordinator import AllWorkersDead
+    from cluster.coordinator import AllWorkersDead, IncompleteJob
 
     try:
         return run_job(*args)
-    except AllWorkersDead as err:
+    except (AllWorkersDead, IncompleteJob) as err:
         raise UserError(str(err)) from None
     except ValueError as err:  # a foreign or corrupt --out file
         raise UserError(str(err)) from None

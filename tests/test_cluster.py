@@ -16,6 +16,7 @@ import ray
 from cluster.coordinator import (
     AllWorkersDead,
     DispatchConfig,
+    IncompleteJob,
     in_process_runner,
     make_batches,
     ray_runner,
@@ -318,3 +319,21 @@ def test_few_prompts_are_cut_so_every_worker_gets_a_batch(tmp_path):
         progress=False, workers=2,
     )  # fmt: skip
     assert summary["workers"]["in-process"]["batches"] == 2
+
+
+def test_a_runner_that_loses_a_batch_fails_the_job_instead_of_finishing(tmp_path):
+    """A batch neither answered nor recorded as an error (a runner bug) must not end as a
+    finished job: the error says how many and that a rerun finishes them."""
+
+    def loses_the_last_batch(batches, stats, on_batch):
+        in_process_runner(EchoEngine(), "generate")(batches[:-1], stats, on_batch)
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(IncompleteJob, match="2 prompts were neither answered"):
+        run_job(PromptFile(items(6), []), out, "generate", loses_the_last_batch,
+                DispatchConfig(batch_size=4), progress=False)  # fmt: skip
+    assert len(out.read_text().splitlines()) == 4
+    summary = run_job(PromptFile(items(6), []), out, "generate",
+                      in_process_runner(EchoEngine(), "generate"), DispatchConfig(batch_size=4),
+                      progress=False)  # fmt: skip
+    assert (summary["skipped_already_done"], summary["answered"]) == (4, 2)
