@@ -1,7 +1,12 @@
 """Acceptance: which drafted tokens of a verified tree to keep, and the target's bonus token.
 
 One interface, `AcceptanceRule`: `rule(key, candidates[W, L+1], draft_log_probs[W, L], tree,
-logits[n, V]) -> Accepted`, written for one prompt (the decode loop vmaps it over the batch).
+logits[n, V], position) -> Accepted`, written for one prompt (the decode loop vmaps it over the
+batch). `key` is the prompt's own key and `position` the output index of the token after the
+tree's root: the target's token at output index p is drawn with `fold_in(key, p)`, as
+autoregressive decoding draws it (`pipeline.generate`), so at any temperature a prompt's
+speculative output is token-for-token its autoregressive output for the same seed, whatever the
+drafts, the tree, its cuts, the batch or the devices.
 
 `TreeMatch` is the rule the decoder uses. At every tree node it picks the target's own token from
 that node's logits (`drafter.sampling.sample`: the argmax at temperature 0, a draw from the
@@ -9,10 +14,13 @@ temperature/top-k/top-p-warped distribution otherwise) and descends from the roo
 picked token is a child; the token picked at the last node reached is the bonus token.
 - greedy (temperature 0): the longest candidate prefix equal to the target's argmax chain, plus
   the argmax after it, so the output is token-for-token greedy autoregressive decoding.
-- sampling: every emitted token is a fresh draw from the target's conditional given everything
-  emitted before it (each node gets its own key and the drafts never see those keys), so the
-  output distribution is exactly autoregressive sampling, whatever the drafts are. Deterministic
-  (beam) drafts lose nothing by this: there is no draft distribution to correct for.
+- sampling: the token after a node of depth d is drawn with the key of output index
+  `position + d`, the key autoregressive decoding draws that index with. Nodes of one depth
+  share it, but only one of them is on the emitted path, and which one depends only on draws at
+  smaller indices; so every emitted token is a fresh draw from the target's conditional given
+  everything emitted before it, and it is the very token autoregressive decoding draws (the
+  same key, the same conditional). Deterministic (beam) drafts lose nothing by this: there is
+  no draft distribution to correct for.
 
 `ReferenceRule` reproduces the reference implementation's per-beam `min(1, p/q)` test with
 "longest accepted beam wins". It is biased (the longest of several independent tests is not a
@@ -42,9 +50,16 @@ class Accepted(NamedTuple):
 
 
 class AcceptanceRule(Protocol):
-    def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits) -> Accepted:
-        """key, [W, L+1], [W, L], Tree, [n, V] -> Accepted."""
+    def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits,
+                 position=0) -> Accepted:  # fmt: skip
+        """key, [W, L+1], [W, L], Tree, [n, V], [] -> Accepted."""
         ...
+
+
+def position_keys(key, position, depths):
+    """[n] keys: the one autoregressive decoding draws output index `position + depths[i]`
+    with (`pipeline.generate._pick`)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, position + depths)
 
 
 def leading_true(ok):
@@ -66,13 +81,14 @@ class TreeMatch:
 
     sampling: SamplingConfig = SamplingConfig()
 
-    def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits) -> Accepted:
-        """key, [W, L+1], [W, L] (unused), Tree, [n, V] -> Accepted."""
+    def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits,
+                 position=0) -> Accepted:  # fmt: skip
+        """key, [W, L+1], [W, L] (unused), Tree, [n, V], [] -> Accepted."""
         s = self.sampling
         if s.greedy:  # static: the argmax, as `sample` takes it, with no warping or draws
             target = jax.vmap(greedy)(logits)
         else:
-            keys = jax.random.split(key, logits.shape[0])
+            keys = position_keys(key, position, tree.depths)
             pick = jax.vmap(lambda k, x: sample(k, x, s.temperature, s.top_k, s.top_p))
             target = pick(keys, logits)  # [n] the target's token after each node
         ok = candidates[:, 1:] == target[tree.node_of[:, :-1]]
@@ -101,9 +117,11 @@ class ReferenceRule:
 
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
 
-    def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits) -> Accepted:
-        """key, [W, L+1], [W, L], Tree, [n, V] -> Accepted."""
+    def __call__(self, key, candidates, draft_log_probs, tree: Tree, logits,
+                 position=0) -> Accepted:  # fmt: skip
+        """key, [W, L+1], [W, L], Tree, [n, V], [] -> Accepted."""
         s = self.sampling
+        key = jax.random.fold_in(key, position)
         warp = jax.vmap(lambda x: warp_log_probs(x, s.temperature, s.top_k, s.top_p))
         log_p = warp(logits)  # [n, V]
         key_test, key_bonus = jax.random.split(key)

@@ -11,9 +11,11 @@ step). Each step, for every row:
 Rows accept different counts and stop at EOS or their own max-new-tokens; finished rows ride along
 but stop writing.
 
-Randomness: row `b` uses `fold_in(key, row_ids[b])`; its first token draws with `fold_in(., 0)`,
-step `s` with `fold_in(., s + 1)` split into a draft key and an acceptance key. A row's output
-depends only on its prompt, the key and its row id, not on the batch around it or the devices.
+Randomness: row `b` uses `fold_in(key, row_ids[b])`. The target's token at output index p draws
+with `fold_in(., p)`, as in autoregressive decoding (`pipeline.accept`), so a row's output is
+its autoregressive output for the same key and row id at any temperature; the drafts of step `s`
+draw with `fold_in(., s + 1)` split (they propose only). A row's output depends only on its
+prompt, the key and its row id, not on the drafts, the batch around it or the devices.
 """
 
 from __future__ import annotations
@@ -223,11 +225,10 @@ def _emit(state: SpecState, emitted, num_emitted, eos_ids: tuple[int, ...]):
     return state._replace(context=context, num_out=num_out, done=done)
 
 
-def _row_keys(state: SpecState):
-    """[B] keys of this step -> ([B] draft keys, [B] acceptance keys)."""
+def _draft_keys(state: SpecState):
+    """[B] keys the drafts of this step draw with (never the target's: see `pipeline.accept`)."""
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.step + 1)
-    pair = jax.vmap(jax.random.split)(step_keys)
-    return pair[:, 0], pair[:, 1]
+    return jax.vmap(jax.random.split)(step_keys)[:, 0]
 
 
 def draft_step(draft_fn: DraftFn, draft_params, state: SpecState, keys) -> Drafts:
@@ -266,12 +267,13 @@ class Verified(NamedTuple):
     hidden: jax.Array  # [B, D] hidden state of the last accepted node
 
 
-def _verify_accept(llm_params, config, state: SpecState, drafts: Drafts, slots, rule, keys,
+def _verify_accept(llm_params, config, state: SpecState, drafts: Drafts, slots, rule,
                    pad_to: int | None = None) -> Verified:  # fmt: skip
     """Verify `drafts` as trees of `slots` nodes and accept per row; new keys/values padded
     with zeros to `pad_to` nodes (never read: `take` points at real nodes only)."""
     trees, out = verify_step(llm_params, config, state.cache, drafts.tokens, slots)
-    acc = jax.vmap(rule)(keys, drafts.tokens, drafts.token_log_probs, trees, out.logits)
+    acc = jax.vmap(rule)(state.keys, drafts.tokens, drafts.token_log_probs, trees, out.logits,
+                         state.num_out)  # fmt: skip
     rows = jnp.arange(drafts.tokens.shape[0])
     new_k, new_v = out.new_k, out.new_v
     if pad_to is not None and pad_to > new_k.shape[2]:
@@ -354,11 +356,10 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
     sizes = beam.verify_sizes if beam is not None and beam.cuts else ()
 
     def step(state: SpecState) -> SpecState:
-        draft_keys, accept_keys = _row_keys(state)
-        drafts = draft_step(draft_fn, draft_params, state, draft_keys)
+        drafts = draft_step(draft_fn, draft_params, state, _draft_keys(state))
         if not sizes:
             slots = draft_slots(draft_fn)
-            ver = _verify_accept(llm_params, config, state, drafts, slots, rule, accept_keys)
+            ver = _verify_accept(llm_params, config, state, drafts, slots, rule)
             return _commit_emit(state, drafts, ver, eos_ids, ver.new_k.shape[2] - 1)
         full = 1 + beam.length
 
@@ -366,7 +367,7 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
             def run(drafts, row_k):
                 # The accepted candidate indexes the cut's paths, the first k of `drafts`.
                 cut = cut_tree(drafts, k, jnp.minimum(row_k, k))
-                return _verify_accept(llm_params, config, state, cut, 1 + k, rule, accept_keys,
+                return _verify_accept(llm_params, config, state, cut, 1 + k, rule,
                                       pad_to=full)  # fmt: skip
 
             return run
@@ -455,8 +456,7 @@ def draft_core(llm_params, draft_params, prompts, prompt_lengths, key, row_ids,
     max_new = jnp.full((b,), 2, jnp.int32)
     state = start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, config=config,
                   sampling=sampling, num_tokens=2, length=length, eos_ids=())  # fmt: skip
-    draft_keys, _ = _row_keys(state)
-    return draft_step(draft_fn, draft_params, state, draft_keys)
+    return draft_step(draft_fn, draft_params, state, _draft_keys(state))
 
 
 DRAFT_STATIC = (6, 7, 8, 9)

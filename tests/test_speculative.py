@@ -412,3 +412,37 @@ def test_sharded_over_4_devices_equals_unsharded(llm, prompts):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     # Same first row twice (ids 0 and 4) -> different draws: keys follow row ids.
     assert not np.array_equal(np.asarray(want.tokens[0]), np.asarray(want.tokens[4]))
+
+
+@pytest.mark.parametrize(
+    "make_draft",
+    [
+        lambda: OracleDraft(CONFIG, BEAM),  # long accepted runs
+        lambda: spec.BeamDraft(DRAFTER, BEAM),  # an untrained drafter: mostly rejected
+        lambda: spec.SampledDraft(DRAFTER, BEAM, SamplingConfig(temperature=1.0)),
+        lambda: spec.BeamDraft(DRAFTER, BeamConfig(3, 3, tree=True, cuts=(1,), node_cost=0.5)),
+    ],
+    ids=["oracle", "beam", "sampled", "cut-tree"],
+)
+def test_sampled_output_is_token_for_token_autoregressive(llm, prompts, make_draft):
+    """Seed-exact sampling: the target's token at output index p draws with fold_in(row key, p)
+    in both decoders, so at temperature 0.8 a row's speculative output equals its
+    autoregressive output, whatever the drafts, and also alone or in another batch."""
+    hot = SamplingConfig(temperature=0.8, top_k=12)
+    draft = make_draft()
+    if isinstance(draft, OracleDraft):
+        draft_params = llm
+    else:
+        draft_params = (init_drafter(DRAFTER, jax.random.key(2)), spec.target_embeddings(llm))
+    toks, lengths = prompts
+    ids = jnp.asarray([7, 3, 11, 5], jnp.int32)
+    want = generate(llm, CONFIG, jnp.asarray(toks), jnp.asarray(lengths), hot, jax.random.key(9),
+                    14, row_ids=ids)  # fmt: skip
+    got = run_spec(llm, draft_params, draft, toks, lengths, 14, hot, key=9, row_ids=ids)
+    assert_same_tokens(got, want)
+    alone = run_spec(llm, draft_params, draft, toks[2:3], lengths[2:3], 14, hot, key=9,
+                     row_ids=ids[2:3])  # fmt: skip
+    n = int(want.lengths[2])
+    np.testing.assert_array_equal(np.asarray(alone.tokens[0, :n]), np.asarray(want.tokens[2, :n]))
+    if isinstance(draft, OracleDraft):
+        assert np.asarray(got.accepted)[:, 1:].sum() > 0  # drafts were accepted, not only bonuses
