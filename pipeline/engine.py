@@ -44,6 +44,7 @@ from drafter.model import with_draft_head
 from drafter.sampling import SamplingConfig
 from pipeline import kernels
 from pipeline import speculative as spec
+from pipeline.generate import generate_core
 from pipeline.llm import (
     PACKED_LAYER_KEYS,
     unstack_cache,
@@ -103,6 +104,10 @@ class EngineConfig:
     # at `sampling`'s temperature, top-k and top-p (the seed's `sample_seq` vmapped over W and the
     # batch; `speculative.SampledDraft`). Either way the target decides what is generated.
     draft_method: str = "beam"
+    # False: plain autoregressive decoding on the same engine, batching and keys (no drafter):
+    # `generate --no-draft`, the baseline a user compares with on their own prompts. Its output
+    # is the speculative output, token for token, at any temperature (`pipeline.accept`).
+    speculate: bool = True
     # `draft` records each drafted token's log-probability (under the distribution it was chosen
     # from) beside the tokens.
     draft_log_probs: bool = False
@@ -290,6 +295,7 @@ class Engine:
         self._phase_ms: dict[tuple[int, int], tuple[float, float]] = {}
         self._cut_costs: dict[BeamConfig, BeamConfig] = {}
         self._draft = shard_jit(spec.draft_core, self.mesh, spec.DRAFT_BATCH, spec.DRAFT_STATIC)
+        self._generate_ar = shard_jit(_ar_core, self.mesh, (1, 2, 3, 5), (6, 7, 8, 9))
 
     @classmethod
     def from_params(
@@ -446,6 +452,8 @@ class Engine:
             jax.random.key(c.seed),
             jnp.asarray(row_ids, jnp.int32),
         )
+        if not c.speculate:
+            return self._generate_plain(args)
         static = (
             self.llm_config,
             self.draft_fns(beam)[1],
@@ -461,6 +469,19 @@ class Engine:
         out = jax.device_get(self._generate(self.llm_params, draft_params, *args, *static))
         self.last_call_compiled = self._generate.cache_size() > compiled
         return out, time.perf_counter() - t0
+
+    def _generate_plain(self, args):
+        """`generate_ids` without a drafter: (SpecOut of plain autoregressive decoding, seconds);
+        every token after the first is one target call, accepting nothing drafted."""
+        c, cfg = self.config, self.llm_config
+        static = (cfg, c.sampling, c.max_new_tokens, cfg.eos_token_ids)
+        compiled = self._generate_ar.cache_size()
+        t0 = time.perf_counter()
+        out = jax.device_get(self._generate_ar(self.llm_params, *args, *static))
+        self.last_call_compiled = self._generate_ar.cache_size() > compiled
+        calls = np.maximum(np.asarray(out.lengths) - 1, 0)
+        spec_out = spec.SpecOut(out.tokens, out.lengths, calls, calls[:, None], 0 * calls)
+        return spec_out, time.perf_counter() - t0
 
     def phase_times(self, prompts: list[list[int]]) -> tuple[float, float]:
         """(draft ms, verify ms) of one step of this batch, each compiled and timed alone.
@@ -499,7 +520,7 @@ class Engine:
 
     def _phase_times_once(self, prompts) -> tuple[float | None, float | None]:
         """phase_times, measured once per batch shape (a step's cost depends on little else)."""
-        if not self.config.time_phases:
+        if not (self.config.time_phases and self.config.speculate):
             return None, None
         shape = (len(prompts), self._batch(prompts)[0].shape[1])
         if shape not in self._phase_ms:
@@ -522,13 +543,15 @@ class Engine:
         for i, item in enumerate(items):
             ids = [int(t) for t in out.tokens[i, : out.lengths[i]]]
             metrics = row_metrics(out.calls[i], out.accepted[i], len(ids), out.drafted[i])
+            shape = beam if self.config.speculate else BeamConfig(1, 1)
             metrics.update(
-                width=beam.width,
-                length=beam.length,
-                per_root=beam.per_root,
-                tree=beam.tree,
-                cuts=list(beam.cuts),
-                cut_costs=list(beam.step_costs()) if beam.cuts else None,
+                speculative=self.config.speculate,
+                width=shape.width if self.config.speculate else 0,
+                length=shape.length if self.config.speculate else 0,
+                per_root=shape.per_root,
+                tree=shape.tree,
+                cuts=list(shape.cuts),
+                cut_costs=list(shape.step_costs()) if shape.cuts else None,
                 draft_ms=draft_ms,
                 verify_ms=verify_ms,
                 tokens_per_s=tok_s,
@@ -599,6 +622,13 @@ class Engine:
             "drafter": self.drafter_source,
             "config": dataclasses.asdict(self.config),
         }
+
+
+def _ar_core(params, prompts, prompt_lengths, max_new, key, row_ids, config, sampling,
+             num_tokens, eos_ids):  # fmt: skip
+    """`pipeline.generate.generate_core` with positional statics (6..9), for `shard_jit`."""
+    return generate_core(params, prompts, prompt_lengths, max_new, key, row_ids, config=config,
+                         sampling=sampling, num_tokens=num_tokens, eos_ids=eos_ids)  # fmt: skip
 
 
 def row_metrics(calls, accepted_hist, new_tokens: int, drafted=None) -> dict:

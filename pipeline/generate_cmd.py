@@ -92,6 +92,10 @@ def _add_decode_arguments(parser: argparse.ArgumentParser) -> None:
                         "say so (BeamConfig.cuts; `--cuts` alone: never cut; default: "
                         f"{' '.join(map(str, one.cuts)) or 'none'} for a greedy batch of one "
                         "prompt)")  # fmt: skip
+    g.add_argument("--no-draft", dest="speculate", action="store_false",
+                   help="plain autoregressive decoding (same engine, batching and keys, no "
+                        "drafter): the baseline to compare with; the same output, token for "
+                        "token, at any temperature")  # fmt: skip
     g.add_argument("--draft-method", choices=DRAFT_METHODS, default=DEFAULTS.draft_method,
                    help="beam: the drafter's beam search or tree (above); sample: W independent "
                         "samples from the drafter at the decoding temperature, top-k and top-p "
@@ -165,6 +169,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         lookup=args.lookup,
         lookup_in_place=args.lookup_in_place,
         draft_method=args.draft_method,
+        speculate=args.speculate,
         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
         max_new_tokens=args.max_new_tokens,
         devices=args.devices,

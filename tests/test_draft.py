@@ -142,7 +142,8 @@ def test_draft_help_lists_only_drafting_flags():
                  "--per-root", "--draft-method"):  # fmt: skip
         assert flag not in result.stdout, flag
     generate = cli("generate", "--help")
-    assert "--draft-method" in generate.stdout and "--log-probs" not in generate.stdout
+    assert "--draft-method" in generate.stdout and "--no-draft" in generate.stdout
+    assert "--log-probs" not in generate.stdout
 
 
 def test_draft_config_from_flags():

@@ -252,3 +252,24 @@ def test_a_cut_tree_gets_costs_measured_here_and_reports_them():
     fixed = dataclasses.replace(config, calibrate_cuts=False)
     eng = Engine.from_params(CONFIG, init_llm(CONFIG, jax.random.key(0)), config=fixed)
     assert eng.beam_for(3) == tree and eng.beam_for(3).step_costs() == (1.06, 1.12, 1.24)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_no_draft_is_plain_autoregressive_with_the_same_output(temperature):
+    """`EngineConfig.speculate=False` (`generate --no-draft`): the same engine and keys without
+    the drafter; one target call per token after the first, and, seed-exact, the speculative
+    output token for token at any temperature."""
+    sampling = SamplingConfig(temperature=temperature)
+    llm = init_llm(CONFIG, jax.random.key(0))
+    config = EngineConfig(beam=BeamConfig(3, 2), sampling=sampling, max_new_tokens=10,
+                          batch_size=3, time_phases=False)  # fmt: skip
+    plain = dataclasses.replace(config, speculate=False)
+    speculative = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
+    ar = Engine.from_params(CONFIG, llm, config=plain, tokenizer=CharTokenizer())
+    want, got = speculative.generate(ITEMS), ar.generate(ITEMS)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    for r in got:
+        m = r["metrics"]
+        assert m["speculative"] is False and (m["width"], m["length"]) == (0, 0)
+        assert m["steps"] == m["new_tokens"] - 1 and m["accepted_per_call"] == 1.0
+    assert all(r["metrics"]["speculative"] for r in want)
