@@ -1,4 +1,6 @@
-"""`specdraft bench accept`: tokens per LLM call of the real engine on held-out prompts, greedy.
+"""`specdraft bench accept`: tokens per LLM call of the real engine on held-out prompts (greedy by
+default; `--temperature` samples, and `--draft-methods beam sample` compares the drafter's beams
+with its independent samples there).
 
 `specdraft train` reports the drafter's held-out acceptance by replaying its beam search against
 the LLM's cached answers (`pipeline.distill_eval`). This runs the engine itself instead (prefill,
@@ -50,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer length cap (default 128, as in the training data)",
     )
     parser.add_argument("--batch", type=decode._at_least_one, default=16, help="prompts per call")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="decoding temperature (0: greedy, default)")  # fmt: skip
+    parser.add_argument("--draft-methods", nargs="+", choices=("beam", "sample"),
+                        default=["beam"], help="how the drafter proposes (EngineConfig."
+                        "draft_method); each is a case (default: beam)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="sampling key")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="target weights (activations and KV cache stay fp32)")  # fmt: skip
 
@@ -83,8 +91,9 @@ def pooled(outs) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from drafter.config import BeamConfig
+    from drafter.sampling import SamplingConfig
     from pipeline.distill import HELDOUT_PROMPTS, encode_prompts
-    from pipeline.engine import Engine, EngineConfig
+    from pipeline.engine import Engine, EngineConfig, row_id
 
     prompts_file = args.prompts or str(HELDOUT_PROMPTS)
     beams = args.beams or [BeamConfig(1, 1), BeamConfig(1, 4), BeamConfig(2, 4)]
@@ -93,28 +102,38 @@ def run(args: argparse.Namespace) -> dict:
     log(f"drafter: {drafter_source}; {len(items)} prompts")
     encoded = encode_prompts(tokenizer, items)
     chunks = [encoded[i : i + args.batch] for i in range(0, len(encoded), args.batch)]
+    sampling = SamplingConfig(temperature=args.temperature)
+    ids = [row_id(item.id) for item in items]
+    id_chunks = [ids[i : i + args.batch] for i in range(0, len(ids), args.batch)]
     results = []
     for lookup, in_place in args.lookup:
         for beam in beams:
-            config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
-                                  lookup_in_place=in_place,
-                                  max_new_tokens=args.max_new_tokens,
-                                  dtype=args.dtype, batch_size=args.batch,
-                                  time_phases=False)  # fmt: skip
-            engine = Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
-            t0 = time.perf_counter()
-            outs = [engine.generate_ids(c, list(range(len(c))))[0] for c in chunks]
-            row = {"width": beam.width, "length": beam.length, "per_root": beam.per_root,
-                   "tree": beam.tree, "cuts": list(beam.cuts), "lookup": lookup,
-                   "lookup_in_place": in_place,
-                   **pooled(outs), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-            log(str(row))
-            results.append(row)
+            for method in args.draft_methods:
+                config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
+                                      lookup_in_place=in_place, draft_method=method,
+                                      sampling=sampling, seed=args.seed,
+                                      max_new_tokens=args.max_new_tokens,
+                                      dtype=args.dtype, batch_size=args.batch,
+                                      time_phases=False)  # fmt: skip
+                engine = Engine(config, llm_config, llm_params, *drafter, tokenizer,
+                                drafter_source)  # fmt: skip
+                t0 = time.perf_counter()
+                outs = [
+                    engine.generate_ids(c, i)[0] for c, i in zip(chunks, id_chunks, strict=True)
+                ]
+                row = {"width": beam.width, "length": beam.length, "per_root": beam.per_root,
+                       "tree": beam.tree, "cuts": list(beam.cuts), "lookup": lookup,
+                       "lookup_in_place": in_place, "draft_method": method,
+                       **pooled(outs), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+                log(str(row))
+                results.append(row)
     return {
         "drafter": drafter_source,
         "prompts_file": args.prompts or "pipeline/data/heldout_prompts.jsonl",
         "num_prompts": len(items),
         "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
         "dtype": args.dtype,
         "tokens_per_call_counts_bonus_token": True,
         "results": results,
