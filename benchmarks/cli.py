@@ -1,8 +1,9 @@
 """`specdraft bench <name>`: run one benchmark and write its JSON.
 
 Each benchmark is a module `benchmarks/<name>.py` exposing `add_arguments(parser)` and
-`run(args) -> dict` (the JSON document). This module only wires them and writes `--out`; a
-benchmark's module is imported only when its name is on the command line.
+`run(args) -> dict` (the JSON document). This module only wires them and writes `--out`, with
+the document's `provenance` (`benchmarks.machine.provenance`); a benchmark's module is imported
+only when its name is on the command line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "decode": ("benchmarks.decode", "speculative vs plain decoding: tokens/s and acceptance"),
     "accept": ("benchmarks.accept", "the engine's tokens per LLM call on held-out prompts"),
     "cluster": ("benchmarks.cluster", "Ray workers: throughput as workers are added"),
+    "draft": ("benchmarks.draft", "drafted sequences/s in process and through 1 and 2 Ray workers"),
 }
 
 
@@ -84,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.out is not None:
         check_writable(args.out, "--out")  # before minutes of measuring
-    document = module.run(args)
+    from benchmarks.machine import provenance
+
+    # Every result records what made it: commit, versions, CPU, devices.
+    machine = provenance()
+    document = {"provenance": machine, **module.run(args)}
     write_json(document, args.out)
     return 0

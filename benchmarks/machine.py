@@ -6,9 +6,13 @@ measured in the same run as the thing being timed and with the same JAX backend.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -77,3 +81,50 @@ def measure(quick: bool = False) -> MachineSpeed:
     )
     log(f"machine: {speed.gflops:.1f} GFLOP/s, {speed.gbps:.1f} GB/s")
     return speed
+
+
+def provenance() -> dict:
+    """What a result was measured with: the git commit (and whether the working tree differed
+    from it), JAX and jaxlib versions, the CPU's model and flags (/proc/cpuinfo), the cores
+    this process may use, JAX's backend and device count."""
+    import jaxlib
+
+    def git(*cmd: str) -> str | None:
+        try:
+            with warnings.catch_warnings():  # JAX's warning on fork; git is exec'd at once
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out = subprocess.run(
+                    ["git", "--no-optional-locks", *cmd],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    cwd=os.path.dirname(os.path.abspath(__file__)),
+                )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    cpu = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "flags") and key not in cpu:
+                    cpu[key] = value.strip()
+    except OSError:
+        pass
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "tree_modified": None if status is None else bool(status),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "python": platform.python_version(),
+        "cpu_model": cpu.get("model name") or platform.processor() or None,
+        "cpu_flags": cpu.get("flags"),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+    }

@@ -68,3 +68,4 @@ run accept --beams 1x4 --lookup 4i 6i 8i 2i --out "$out/accept-heldout-ngram.jso
 run accept --beams 1x4 4x4t 4x5t 4x6t --lookup 4i --out "$out/accept-heldout-tree.json"
 run accept --beams 4x8t 4x12t 8x8t --lookup 4i --out "$out/accept-heldout-tree-deep.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi
+if [ -z "${SKIP_CLUSTER:-}" ]; then run draft --out "$out/draft.json"; fi

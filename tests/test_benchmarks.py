@@ -72,6 +72,10 @@ def test_bench_drafter_writes_json(tmp_path):
 
 
 def test_bench_matmul_writes_json(tmp_path):
+    from pipeline import kernels
+
+    if not kernels.available():  # the benchmark compares the kernel with XLA: nothing to time
+        pytest.skip(f"the kernel is unavailable: {kernels.unavailable_reason()}")
     out = tmp_path / "matmul.json"
     argv = ["bench", "matmul", "--shapes", "wk", "--rows", "1", "9", "--rounds", "2",
             "--out", str(out)]  # fmt: skip
@@ -86,3 +90,30 @@ def test_bench_matmul_writes_json(tmp_path):
         assert r["weight_pass_ms"] == min(doc["results"][0]["xla_ms"],
                                           doc["results"][0]["kernel_ms"])  # fmt: skip
     assert doc["kernel_tile"]["vector_floats"] in (4, 8, 16)
+
+
+@pytest.mark.ray
+def test_bench_draft_writes_json(tmp_path):
+    """`bench draft` on a tiny model: both methods, in process and through one pinned worker."""
+    out = tmp_path / "draft.json"
+    argv = ["bench", "draft", "--tiny-model", "--num-prompts", "2", "--batch-size", "2",
+            "--shapes", "3x2", "--workers", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    doc = json.loads(out.read_text())
+    assert {"commit", "jax", "jaxlib", "cpu_model", "cpu_flags", "device_count"} <= set(
+        doc["provenance"]
+    )
+    assert len(doc["load_average_before"]) == len(doc["load_average_after"]) == 3
+    rows = {(r["method"], r["where"]): r for r in doc["results"]}
+    assert set(rows) == {(m, w) for m in ("beam", "sample") for w in ("in-process", "ray-1")}
+    for (method, where), r in rows.items():
+        assert (r["width"], r["length"], r["prompts"], r["sequences"]) == (3, 2, 2, 6)
+        assert r["sequences_per_s"] == pytest.approx(6 / r["seconds"], rel=1e-2)
+        assert r["compiled_batches"] == 0  # the warm-up compiled every batch shape
+        if where == "ray-1":
+            assert r["pinned"] and len(r["cpus"]) == 1 and len(r["cpus"][0]) == 1
+            assert r["identical_to_in_process"] == 2  # keys come from the prompt ids
+            base = rows[method, "in-process"]["seconds"]
+            assert r["ratio"] == pytest.approx(base / r["seconds"], rel=1e-2)
