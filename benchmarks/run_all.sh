@@ -68,4 +68,7 @@ run accept --beams 1x4 --lookup 4i 6i 8i 2i --out "$out/accept-heldout-ngram.jso
 run accept --beams 1x4 4x4t 4x5t 4x6t --lookup 4i --out "$out/accept-heldout-tree.json"
 run accept --beams 4x8t 4x12t 8x8t --lookup 4i --out "$out/accept-heldout-tree-deep.json"
 if [ -z "${SKIP_CLUSTER:-}" ]; then run cluster --tiny-engine --out "$out/cluster.json"; fi
-if [ -z "${SKIP_CLUSTER:-}" ]; then run draft --out "$out/draft.json"; fi
+if [ -z "${SKIP_CLUSTER:-}" ]; then run draft --repeats 2 --out "$out/draft.json"; fi
+# Beam drafts against independent samples when decoding samples (tokens per call).
+run accept --temperature 0.8 --draft-methods beam sample --beams 1x4 4x4 --lookup 0 \
+  --num-prompts 32 --max-new-tokens 64 --out "$out/accept-t08-draft-methods.json"
