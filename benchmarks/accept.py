@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     for lookup, in_place in args.lookup:
         for beam in beams:
             for method in args.draft_methods:
-                config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
+                config = EngineConfig(beam=beam, lookup=lookup,
                                       lookup_in_place=in_place, draft_method=method,
                                       sampling=sampling, seed=args.seed,
                                       max_new_tokens=args.max_new_tokens,

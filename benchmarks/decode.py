@@ -1,6 +1,8 @@
-"""`specdraft bench decode`: speculative vs autoregressive greedy decoding of SmolLM2, same run.
+"""`specdraft bench decode`: speculative vs autoregressive decoding of SmolLM2, same run.
 
-For each batch size and each (W, L): tokens/s of the fused speculative decode and of plain
+For each batch size and each draft shape (`default`: the engine's own tree and adaptive policy,
+with the sizes it chose per step in `steps_by_size`; WxL: that shape drafted in full every
+step), greedy or at `--temperature`: tokens/s of the fused speculative decode and of plain
 autoregressive decode (`pipeline.generate`) on the same fixed chat prompts, mean tokens per
 verify call (accepted + the bonus token), how many rows equal their AR row token for token
 (greedy: all of them, in fp32 and in bf16; see the README), and one draft step / one
@@ -44,10 +46,16 @@ PROMPTS = (
 )
 
 
+DEFAULT = "default"  # `--beams default`: the engine's own tree and adaptive policy
+
+
 def parse_beam(text: str):
-    """ "2x3" -> BeamConfig(2, 3), "2x3r" -> the same per root (an argparse type)."""
+    """ "2x3" -> BeamConfig(2, 3), "2x3r" -> the same per root, "default" -> DEFAULT (an
+    argparse type)."""
     from drafter.config import BeamConfig
 
+    if text == DEFAULT:
+        return DEFAULT
     try:
         return BeamConfig.parse(text)
     except ValueError as err:
@@ -95,13 +103,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="WxL",
         help="beam width x draft length, a trailing r for per-root beams (BeamConfig.per_root), "
-        "t for a best-first tree (BeamConfig.tree) (default: 1x1 1x2 1x4 2x4)",
+        "t for a best-first tree (BeamConfig.tree), each drafted at its full size every step; "
+        "'default': the engine's default tree with its adaptive policy, as a user gets it, "
+        "reported with the sizes it chose per step (default: default 1x1)",
     )
     parser.add_argument("--lookup", nargs="+", type=parse_lookup, default=[(0, False)],
-                        metavar="N[i]", help="prompt lookup, each with every beam shape: N adds a "
-                        "candidate copied after a repeated n-gram of <= N tokens, Ni puts it in "
-                        "place of the last beam, 0 is off (default: 0)")  # fmt: skip
+                        metavar="N[i]", help="prompt lookup, each with every beam shape but "
+                        "'default' (the engine's own): N adds a candidate copied after a repeated "
+                        "n-gram of <= N tokens, Ni puts it in place of the last beam, 0 is off "
+                        "(default: 0)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (default); above: sampled, AR and speculative with the "
+                             "same keys, so their rows are still identical")  # fmt: skip
     parser.add_argument("--prompts", type=_prompt_file, default=None, metavar="FILE",
                         help="decode these prompts (JSONL or text, as `specdraft generate` reads) "
                         "instead of the 8 built-in short questions")  # fmt: skip
@@ -252,7 +266,15 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
         "per_root": beam.per_root,
         "tree": beam.tree,
         "cuts": list(beam.cuts),
-        "cut_costs": list(engine.beam_for(batch).step_costs()) if beam.cuts else None,
+        "policy": "adaptive" if engine.config.adaptive else "fixed",
+        "step_costs": engine.costs_for(batch).as_dict(),
+        # Verify steps (summed over rows) by the drafted tokens verified; "0": AR steps.
+        "steps_by_size": {
+            str(k): int(n)
+            for k, n in zip(
+                (0, *beam.verify_sizes), sum(o.by_size.sum(0) for o in spec[1]), strict=True
+            )
+        },
         "lookup": engine.config.lookup,
         "lookup_in_place": engine.config.lookup_in_place,
         # ms of one row through the head from [V, D] and from [D, V], as the engine measured
@@ -297,10 +319,12 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
 
 def run(args: argparse.Namespace) -> dict:
     from drafter.config import BeamConfig
+    from drafter.sampling import SamplingConfig
     from pipeline.distill import encode_prompts
     from pipeline.engine import Engine, EngineConfig
 
-    beams = args.beams or [BeamConfig(1, 1), BeamConfig(1, 2), BeamConfig(1, 4), BeamConfig(2, 4)]
+    beams = args.beams or [DEFAULT, BeamConfig(1, 1)]
+    sampling = SamplingConfig(temperature=args.temperature)
     items = prompt_items(args.prompts, args.num_prompts)
     llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
     log(f"drafter: {drafter_source}")
@@ -312,9 +336,14 @@ def run(args: argparse.Namespace) -> dict:
         engines = []
         cases = [(beam, lookup, head) for head in args.draft_head_dtype for lookup in args.lookup
                  for beam in beams]  # fmt: skip
+        # `default` takes the engine's own lookup: once, whatever --lookup lists.
+        cases = [c for i, c in enumerate(cases) if c[0] != DEFAULT or
+                 all(d[0] != DEFAULT or d[2] != c[2] for d in cases[:i])]  # fmt: skip
         for beam, (lookup, in_place), head in cases:
-            config = EngineConfig(beam=beam, single_beam=None, lookup=lookup,
-                                  lookup_in_place=in_place,
+            shape = ({} if beam == DEFAULT else
+                     {"beam": beam, "adaptive": False, "lookup": lookup,
+                      "lookup_in_place": in_place})  # fmt: skip
+            config = EngineConfig(**shape, sampling=sampling,
                                   max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   matmul=args.matmul, devices=args.devices,
                                   batch_size=batch, draft_head_dtype=head)  # fmt: skip
@@ -339,7 +368,8 @@ def run(args: argparse.Namespace) -> dict:
         if any(iterations):
             raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
         ar = (seconds[0], outs[0])
-        for i, ((beam, _, _), engine) in enumerate(zip(cases, engines, strict=True)):
+        for i, engine in enumerate(engines):
+            beam = engine.config.beam
             spec = (seconds[i + 1], outs[i + 1])
             row = _row(engine, chunks, beam, batch, spec, ar, seconds[n + i + 1], seconds[n])
             log(str(row))
@@ -351,6 +381,7 @@ def run(args: argparse.Namespace) -> dict:
             item.prompt if item.prompt is not None else list(item.messages) for item in items
         ],  # fmt: skip
         "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
         "dtype": args.dtype,
         "matmul": args.matmul,
         "repeats": args.repeats,

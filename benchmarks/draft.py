@@ -286,7 +286,7 @@ def _cases(args) -> list[tuple[str, str, Any, Any]]:
                 log(f"skipping sample x {text}: trees and per-root beams are beam search's")
                 continue
             config = EngineConfig(model=args.model, drafter=args.drafter, draft_method=method,
-                                  beam=beam, single_beam=None, lookup=0, sampling=sampling,
+                                  beam=beam, lookup=0, sampling=sampling,
                                   draft_log_probs=args.log_probs, batch_size=args.batch_size,
                                   devices=1, time_phases=False, **extra)  # fmt: skip
             cases.append((f"{method}-{text}", method, beam, config))

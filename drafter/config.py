@@ -89,20 +89,13 @@ class BeamConfig:
     the same L drafting steps of one row each; `1xLt` is the (1, L) chain itself. Its Drafts hold
     one candidate per drafted token (the path to it), so W there is L.
 
-    cuts: smaller sizes (drafted tokens, each < L) a best-first tree may be cut to before it is
-    verified, chosen per step. The tree's first k tokens are a tree themselves (a parent is
-    chosen before its children), and under greedy verification each token adds its chance of
-    lying on the target's path, which the drafter's path probability p estimates. So each step
-    verifies, per row, the k in cuts + (L,) that maximises the expected tokens per cost,
-    `(1 + p_1 + ... + p_k) / (1 + node_cost * k)` (a batch verifies its rows' largest k):
-    `node_cost` is one more tree node's verify cost as a fraction of a one-token step (the
-    default 0.06 approximates the first CPU of README's Benchmarks, where a loop step grew by
-    1.2-1.6 ms a node from 5 to 9 nodes beside AR steps of about 20 ms; a second CPU there
-    needed about 0.3; near 0 where few-row matmuls cost what one row does, as on a GPU).
-    `costs`, when given, replaces that model: a step's cost at each of
-    `verify_sizes` (any unit), as `pipeline.tree_costs` measures it on the machine at hand (the
-    engine does so itself, `EngineConfig.calibrate_cuts`). Exact either way: the choice
-    depends on the drafts alone.
+    cuts: smaller sizes (drafted tokens, each < L) a best-first tree may be drafted and verified
+    at, chosen per step (`pipeline.policy`). The tree's first k tokens are a tree themselves (a
+    parent is chosen before its children), and under greedy verification each token adds its
+    chance of lying on the target's path, which the drafter's path probability estimates.
+    `node_cost`: one more tree node's verify cost as a fraction of a one-token step, the linear
+    model the policy uses where step costs are not measured (`EngineConfig.adaptive` off).
+    Exact either way: what is drafted never changes what is generated.
     """
 
     width: int
@@ -111,7 +104,6 @@ class BeamConfig:
     tree: bool = False
     cuts: tuple[int, ...] = ()
     node_cost: float = 0.06
-    costs: tuple[float, ...] = ()
 
     def __post_init__(self):
         _positive("BeamConfig", "width", self.width)
@@ -134,17 +126,6 @@ class BeamConfig:
                 )
         if not self.node_cost >= 0:
             raise ValueError(f"BeamConfig.node_cost must be >= 0, got {self.node_cost!r}")
-        object.__setattr__(self, "costs", tuple(float(c) for c in self.costs))
-        if self.costs and (len(self.costs) != len(self.verify_sizes)
-                           or not all(c > 0 for c in self.costs)):  # fmt: skip
-            raise ValueError(
-                f"BeamConfig.costs {self.costs} must hold one positive cost per verify size "
-                f"{self.verify_sizes}"
-            )
-
-    def step_costs(self) -> tuple[float, ...]:
-        """A step's cost at each of `verify_sizes`: `costs`, else `1 + node_cost * k`."""
-        return self.costs or tuple(1.0 + self.node_cost * k for k in self.verify_sizes)
 
     @property
     def tree_nodes(self) -> int:

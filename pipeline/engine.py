@@ -10,12 +10,11 @@ Metrics:
 - `accepted_per_call`: mean tokens emitted per verify step, COUNTING THE BONUS TOKEN (accepted
   drafted tokens + 1), before cutting at EOS / max-new-tokens.
 - `acceptance_per_depth[d]`: fraction of verify steps that accepted drafted token d+1.
-- `drafted_per_call`: drafted-token slots verified per step (the tree's size past its root; less
-  than `length` where a best-first tree was cut, `BeamConfig.cuts`).
-- `width`, `length`, `per_root`, `tree`, `cuts`: the draft tree the row was decoded with
-  (`cut_costs`: the step cost per verify size its cuts were chosen by, ms where measured)
-  (`Engine.beam_for`: a greedy batch of one prompt uses `EngineConfig.single_beam`, every other
-  batch `EngineConfig.beam`; `BeamConfig` says what each means).
+- `drafted_per_call`: drafted-token slots verified per step (fewer than the tree's size where
+  the policy drafted or verified less, `pipeline.policy`).
+- `width`, `length`, `per_root`, `tree`, `cuts`: the draft tree (`EngineConfig.beam`);
+  `steps_by_size`: the row's verify steps by drafted tokens verified ("0": autoregressive
+  steps); `step_costs`: the table the policy chose by (`policy.StepCosts.as_dict`).
 - `draft_ms`, `verify_ms`: one draft step and one tree-verify step of this batch, each timed
   alone (compiled, on the state after prefill, the median of 5 runs; once per batch shape);
   `tokens_per_s`: the batch's generated tokens over the wall time of the fused decode (whole
@@ -52,6 +51,7 @@ from pipeline.llm import (
     with_packed_weights,
     with_transposed_head,
 )
+from pipeline.policy import StepCosts
 from pipeline.prompts import PromptItem
 from sharding import make_mesh, replicate, shard_jit
 
@@ -70,27 +70,11 @@ class EngineConfig:
 
     model: str | None = None
     drafter: str | None = None
-    # The draft tree, chosen from `specdraft bench decode` with the shipped drafter and the lookup
-    # in place (README, Benchmarks), exact fp32 on the CPU. `beam` serves batches of more than one
-    # row and sampled decoding: at batch 8, (1, 1) was the fastest shape in every run (1.12x and
-    # 1.20x AR on held-out prompts), wider trees slower. `single_beam` serves a greedy batch of one
-    # row: a best-first tree of 8 drafted tokens from the top-4 children of each
-    # (`BeamConfig.tree`, 9 nodes). On the 8 held-out bench prompts, 128 new tokens, 4 rounds each,
-    # it ran at 2.00x, 1.95x and 1.92x AR in three runs, and the (1, 4) chain, the previous
-    # default, at 1.71x and 1.68x in two of them; the 5-node tree 4x4t reached 1.82x and
-    # 4x5t 1.86-1.95x, deeper trees were slower (4x10t 1.79x, 4x12t 1.75x, 4x16t 1.52x). On all
-    # 64 held-out prompts it emits 2.854 tokens per call, against 2.266 for (1, 4) and 2.530 for
-    # (2, 4) per root (`BeamConfig.per_root`, `--per-root`, 9 nodes too).
-    # The tree is cut per step to 1, 2 or 4 of its 8 tokens where its path probabilities, weighed
-    # against step costs measured on the machine (`BeamConfig.cuts`, `calibrate_cuts`), say a
-    # smaller one is faster: on a second 2-core CPU, where a 9-node verify cost 2.9x a one-token
-    # step (1.6-1.8x on the first), it ran at 1.02x AR against 1.00x for the uncut tree, ahead
-    # in each of 3 rounds (README, Benchmarks).
-    # None: `beam` for every batch. Sampled decoding keeps `beam` whatever the batch, so a prompt's
-    # draws do not depend on the batch it is in (greedy output is the same for any tree). On a
-    # GPU, where wide trees are nearly free, measure and pass a wider one (`--width`, `--length`).
-    beam: BeamConfig = BeamConfig(width=1, length=1)
-    single_beam: BeamConfig | None = BeamConfig(width=4, length=8, tree=True, cuts=(1, 2, 4))
+    # The draft tree for every batch: a best-first tree of up to 8 drafted tokens from the top-4
+    # children of each (`BeamConfig.tree`, 9 nodes), which each step may draft and verify at 1,
+    # 2, 4 or 8 tokens or not at all (`adaptive`). On the 8 held-out bench prompts, one at a
+    # time, the uncut tree emitted 2.35 tokens per call against 1.56 for (1, 1) (README).
+    beam: BeamConfig = BeamConfig(width=4, length=8, tree=True, cuts=(1, 2, 4))
     # Prompt lookup (`drafter.lookup`): > 0 adds a candidate copied from the context after its
     # longest suffix n-gram of at most this many tokens that occurred before; 0 drafts with the
     # drafter alone. `lookup_in_place`: the copy replaces the last beam (when it matched at least
@@ -131,11 +115,12 @@ class EngineConfig:
     # was faster (3.2 against 3.8 ms), on another (AMD Zen 4) the [D, V] copy (2.6 against 3.7
     # ms; a whole one-token forward 26.4 against 27.3 ms). False: [V, D] for one row.
     probe_head_layout: bool = True
-    # A tree with cuts (`BeamConfig.cuts`) and no `costs` of its own gets them measured on this
-    # machine the first time it serves (`pipeline.tree_costs`: the model's forward per size plus
-    # one drafting call; 12 s for the default's 4 sizes on the third 2-core CPU of README's
-    # Benchmarks, compiles included); False: its linear `node_cost` model.
-    calibrate_cuts: bool = True
+    # Goodput-adaptive speculation (`pipeline.policy`): each step drafts and verifies the size of
+    # `beam` (its cuts, its length, or none: an autoregressive step) with the most expected
+    # tokens per second, by a table of step costs for the batch's rows measured on this machine
+    # (`pipeline.tree_costs`, cached on disk; about 10-20 s a batch size the first time on a
+    # 2-core CPU). False: `beam`'s linear cost model (`BeamConfig.node_cost`), always drafting.
+    adaptive: bool = True
     # The target's few-row matmuls (decode and verify steps): "kernel" runs them through the
     # small-M CPU kernel (`pipeline.kernels`, built with the machine's g++ on first use; every
     # weight read once per call, a row's bits the same whatever rows share the call), "xla"
@@ -154,6 +139,11 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(self.lookup, int) or self.lookup < 0:
             raise ValueError(f"EngineConfig.lookup must be an int >= 0, got {self.lookup!r}")
+        if self.draft_method == "sample" and self.beam.tree:
+            raise ValueError(
+                f"EngineConfig.beam {self.beam} is a best-first tree; draft_method 'sample' "
+                "draws W independent paths: give a W x L shape (BeamConfig(1, 4))"
+            )
         if self.draft_method not in DRAFT_METHODS:
             raise ValueError(
                 f"EngineConfig.draft_method must be one of {DRAFT_METHODS}, "
@@ -293,7 +283,7 @@ class Engine:
             spec.generate_core, self.mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC
         )
         self._phase_ms: dict[tuple[int, int], tuple[float, float]] = {}
-        self._cut_costs: dict[BeamConfig, BeamConfig] = {}
+        self._costs: dict[int, StepCosts] = {}
         self._draft = shard_jit(spec.draft_core, self.mesh, spec.DRAFT_BATCH, spec.DRAFT_STATIC)
         self._generate_ar = shard_jit(_ar_core, self.mesh, (1, 2, 3, 5), (6, 7, 8, 9))
 
@@ -364,30 +354,43 @@ class Engine:
     # -- draft shapes --------------------------------------------------------------------------
 
     def beam_for(self, rows: int) -> BeamConfig:
-        """The draft tree for a batch of `rows` prompts (`EngineConfig.beam`, `single_beam`), its
-        cut costs measured here if it needs them (`EngineConfig.calibrate_cuts`)."""
-        c = self.config
-        if (
-            rows == 1
-            and c.single_beam is not None
-            and c.sampling.greedy
-            and c.draft_method == "beam"
-        ):
-            return self._calibrated(c.single_beam)
-        return self._calibrated(c.beam)
+        """The draft tree for a batch of `rows` prompts: `EngineConfig.beam` for every batch (the
+        policy sizes each step, `costs_for`)."""
+        return self.config.beam
 
-    def _calibrated(self, beam: BeamConfig) -> BeamConfig:
-        """`beam` with `costs` measured on this machine, once per beam."""
-        if not (beam.cuts and not beam.costs and self.config.calibrate_cuts):
-            return beam
-        if beam not in self._cut_costs:
+    def costs_for(self, rows: int) -> StepCosts:
+        """The policy's step costs for a batch of `rows` prompts (`EngineConfig.adaptive`):
+        measured here, once per rows on one device (cached on disk), or the linear model."""
+        beam = self.config.beam
+        if not self.config.adaptive:
+            return StepCosts.for_beam(beam)
+        local = -(-rows // self.mesh.size)
+        if local not in self._costs:
             from pipeline import tree_costs
 
-            beam_fn = spec.BeamDraft(self.drafter_config, beam)
-            costs = tree_costs.step_costs(self.llm_params, self.llm_config, beam.verify_sizes,
-                                          beam_fn, self.draft_params)  # fmt: skip
-            self._cut_costs[beam] = dataclasses.replace(beam, costs=costs)
-        return self._cut_costs[beam]
+            fn = self.draft_fns(beam)[1]
+            shorter = getattr(fn, "with_length", None)
+            sizes = beam.verify_sizes
+            fns = [shorter(k) if shorter and k != beam.length else fn for k in sizes]
+            nodes = tuple(1 + k for k in sizes) if beam.tree else (spec.draft_slots(fn) or
+                                                                   beam.tree_nodes,)  # fmt: skip
+            key = {"model": repr(self.llm_config), "drafter": repr(self.drafter_config),
+                   "beam": str(beam), "draft": repr(fn), "matmul": self.matmul,
+                   "weights": str(jax.tree.leaves(self.llm_params)[0].dtype),
+                   "devices": self.mesh.size}  # fmt: skip
+            params = self.draft_params_for(local, beam)
+            self._costs[local] = tree_costs.step_costs(
+                self.llm_params,
+                self.llm_config,
+                fns,
+                params,
+                self.llm_config.hidden_size,
+                local,
+                sizes,
+                nodes,
+                key,
+            )
+        return self._costs[local]
 
     def draft_params_for(self, rows: int, beam: BeamConfig):
         """The drafter's params and target tables for a batch of `rows` prompts drafting `beam`:
@@ -462,6 +465,7 @@ class Engine:
             c.max_new_tokens,
             beam.length,
             self.llm_config.eos_token_ids,
+            self.costs_for(b),
         )
         compiled = self._generate.cache_size()
         t0 = time.perf_counter()
@@ -480,7 +484,9 @@ class Engine:
         out = jax.device_get(self._generate_ar(self.llm_params, *args, *static))
         self.last_call_compiled = self._generate_ar.cache_size() > compiled
         calls = np.maximum(np.asarray(out.lengths) - 1, 0)
-        spec_out = spec.SpecOut(out.tokens, out.lengths, calls, calls[:, None], 0 * calls)
+        spec_out = spec.SpecOut(
+            out.tokens, out.lengths, calls, calls[:, None], 0 * calls, calls[:, None]
+        )
         return spec_out, time.perf_counter() - t0
 
     def phase_times(self, prompts: list[list[int]]) -> tuple[float, float]:
@@ -543,15 +549,18 @@ class Engine:
         for i, item in enumerate(items):
             ids = [int(t) for t in out.tokens[i, : out.lengths[i]]]
             metrics = row_metrics(out.calls[i], out.accepted[i], len(ids), out.drafted[i])
-            shape = beam if self.config.speculate else BeamConfig(1, 1)
+            speculate = self.config.speculate
+            sizes = (0, *beam.verify_sizes) if speculate else (0,)
             metrics.update(
-                speculative=self.config.speculate,
-                width=shape.width if self.config.speculate else 0,
-                length=shape.length if self.config.speculate else 0,
-                per_root=shape.per_root,
-                tree=shape.tree,
-                cuts=list(shape.cuts),
-                cut_costs=list(shape.step_costs()) if shape.cuts else None,
+                speculative=speculate,
+                width=beam.width if speculate else 0,
+                length=beam.length if speculate else 0,
+                per_root=beam.per_root,
+                tree=beam.tree,
+                cuts=list(beam.cuts),
+                # Verify steps by the drafted tokens the policy verified (0: an AR step).
+                steps_by_size={str(k): int(n) for k, n in zip(sizes, out.by_size[i], strict=True)},
+                step_costs=self.costs_for(len(items)).as_dict() if speculate else None,
                 draft_ms=draft_ms,
                 verify_ms=verify_ms,
                 tokens_per_s=tok_s,

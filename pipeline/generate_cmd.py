@@ -21,6 +21,8 @@ from pipeline.engine import DRAFT_METHODS, DTYPES, MATMULS, Engine, EngineConfig
 DEFAULTS = EngineConfig()
 DRAFT_COMMAND_METHODS = ("beam", "sample", "tree")
 DRAFT_SHAPE = BeamConfig(width=4, length=5)  # `specdraft draft`'s default W x L
+# `generate --draft-method sample` without a shape: sampled paths do not form a best-first tree.
+SAMPLE_SHAPE = BeamConfig(width=1, length=4)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, kind: str = "generate") -> None:
@@ -70,28 +72,28 @@ def _add_draft_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("speculative decoding")
-    one = DEFAULTS.single_beam
+    tree = DEFAULTS.beam
     g.add_argument("--width", type=int, default=None,
-                   help=f"beam width W for every batch (default: {DEFAULTS.beam.width}; "
-                        f"{one.width} for a greedy batch of one prompt)")  # fmt: skip
+                   help=f"beam width W, or with --tree the children each node offers (default: "
+                        f"{tree.width})")  # fmt: skip
     g.add_argument("--length", type=int, default=None,
-                   help=f"draft length L for every batch (default: {DEFAULTS.beam.length}; "
-                        f"{one.length} for a greedy batch of one prompt)")  # fmt: skip
+                   help=f"draft length L, or with --tree the drafted tokens (default: "
+                        f"{tree.length})")  # fmt: skip
     g.add_argument("--per-root", action=argparse.BooleanOptionalAction, default=None,
-                   help="each of the top-W first tokens grows its own beam (BeamConfig.per_root; "
-                        f"default: {'on' if one.per_root else 'off'} for a greedy batch of one "
-                        "prompt)")  # fmt: skip
+                   help="each of the top-W first tokens grows its own beam "
+                        "(BeamConfig.per_root)")  # fmt: skip
     g.add_argument("--tree", action=argparse.BooleanOptionalAction, default=None,
                    help="draft a best-first tree of L tokens from the top-W children of each "
-                        "(BeamConfig.tree; 1 + L nodes, as the (1, L) chain; default: "
-                        f"{'on' if one.tree else 'off'} for a greedy batch of one "
-                        "prompt)")  # fmt: skip
+                        "(BeamConfig.tree; the default); --width/--length without it: W beams of "
+                        "L tokens")  # fmt: skip
     g.add_argument("--cuts", type=int, nargs="*", default=None, metavar="K",
-                   help="sizes (drafted tokens) a best-first tree may be cut to per step, where "
-                        "its path probabilities against the step costs measured on this machine "
-                        "say so (BeamConfig.cuts; `--cuts` alone: never cut; default: "
-                        f"{' '.join(map(str, one.cuts)) or 'none'} for a greedy batch of one "
-                        "prompt)")  # fmt: skip
+                   help="the smaller sizes (drafted tokens) a best-first tree may be drafted and "
+                        "verified at, chosen per step by expected tokens per second on this "
+                        "machine (BeamConfig.cuts; `--cuts` alone: the full tree or none; "
+                        f"default: {' '.join(map(str, tree.cuts))})")  # fmt: skip
+    g.add_argument("--fixed", dest="adaptive", action="store_false",
+                   help="no measured step costs: always draft, sizes by BeamConfig.node_cost's "
+                        "linear model (EngineConfig.adaptive off)")  # fmt: skip
     g.add_argument("--no-draft", dest="speculate", action="store_false",
                    help="plain autoregressive decoding (same engine, batching and keys, no "
                         "drafter): the baseline to compare with; the same output, token for "
@@ -124,7 +126,6 @@ def draft_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         drafter=args.drafter,
         beam=BeamConfig(width=args.width, length=args.length, tree=args.method == "tree"),
-        single_beam=None,
         lookup=0,
         draft_method="sample" if sample else "beam",
         draft_log_probs=args.log_probs,
@@ -142,30 +143,30 @@ def draft_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig that `add_engine_arguments` flags describe (errors name the field).
 
-    No --width/--length/--per-root/--tree: the defaults, `EngineConfig.beam` and `single_beam`
-    for a greedy batch of one prompt; any of them: that tree for every batch (the rest from
-    `beam`, or with --tree from the default tree, `single_beam`, when that is one). --cuts sets
-    the cuts of that tree, or of `single_beam` when no shape flag is given."""
-    shape = {}
-    flags = (args.width, args.length, args.per_root, args.tree)
-    if any(flag is not None for flag in flags):
-        given = dict(zip(("width", "length", "per_root", "tree"), flags, strict=True))
-        one = DEFAULTS.single_beam
-        base = one if args.tree and one is not None and one.tree else DEFAULTS.beam
-        fields = {k: getattr(base, k) if v is None else v for k, v in given.items()}
-        shape = {"beam": BeamConfig(**fields), "single_beam": None}
+    No --width/--length/--per-root/--tree: the default tree, `EngineConfig.beam`. Any of them:
+    W beams of L tokens, or with --tree a best-first tree (W and L from the default where not
+    given; the default's cuts that fit). --cuts sets the tree's cuts."""
+    default = DEFAULTS.beam
+    beam = default
+    if any(flag is not None for flag in (args.width, args.length, args.per_root, args.tree)):
+        width = default.width if args.width is None else args.width
+        length = default.length if args.length is None else args.length
+        tree = bool(args.tree)
+        cuts = tuple(k for k in default.cuts if k < length) if tree else ()
+        beam = BeamConfig(width, length, bool(args.per_root), tree, cuts)
     cuts = getattr(args, "cuts", None)
     if cuts is not None:
-        which = "beam" if shape else "single_beam"
-        tree = shape.get("beam", DEFAULTS.single_beam)
-        if tree is None or not tree.tree:
+        if not beam.tree:
             raise ValueError(f"--cuts {' '.join(map(str, cuts))}: cuts apply to a best-first "
                              "tree (--tree)")  # fmt: skip
-        shape[which] = dataclasses.replace(tree, cuts=tuple(cuts))
+        beam = dataclasses.replace(beam, cuts=tuple(cuts))
+    if args.draft_method == "sample" and beam.tree:
+        beam = SAMPLE_SHAPE if beam == default else beam
     return EngineConfig(
         model=args.model,
         drafter=args.drafter,
-        **shape,
+        beam=beam,
+        adaptive=args.adaptive,
         lookup=args.lookup,
         lookup_in_place=args.lookup_in_place,
         draft_method=args.draft_method,

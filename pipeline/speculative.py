@@ -32,6 +32,7 @@ from drafter.drafting import NO_TOKEN, Drafts, beam_search, sample_seq
 from drafter.lookup import lookup_candidate
 from drafter.model import TargetEmbeddings
 from drafter.sampling import SamplingConfig, sample
+from pipeline import policy
 from pipeline import tree as tree_lib
 from pipeline.accept import AcceptanceRule, TreeMatch
 from pipeline.generate import PAD_ID, prefill
@@ -44,6 +45,7 @@ from pipeline.llm import (
     unstack_cache,
     unstack_layers,
 )
+from pipeline.policy import PolicyState, StepCosts
 
 
 class DraftInputs(NamedTuple):
@@ -74,6 +76,10 @@ class BeamDraft:
         """Node slots of the tree its candidates pack into (`pipeline.tree.pack_tree`)."""
         return self.beam.tree_nodes
 
+    def with_length(self, length: int) -> BeamDraft:
+        """The same drafting, `length` tokens (a best-first tree's first `length`)."""
+        return BeamDraft(self.config, _shorter(self.beam, length))
+
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         params, target = draft_params
         return beam_search(params, self.config, target, inputs.llm_state, inputs.llm_token,
@@ -94,6 +100,9 @@ class SampledDraft:
             raise ValueError(f"SampledDraft: BeamConfig.cuts {self.beam.cuts} apply to "
                              "best-first trees, not to sampled drafts")  # fmt: skip
 
+    def with_length(self, length: int) -> SampledDraft:
+        return SampledDraft(self.config, _shorter(self.beam, length), self.sampling)
+
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         params, target = draft_params
         s = self.sampling
@@ -107,6 +116,10 @@ class SampledDraft:
             )
 
         return jax.vmap(one)(jnp.arange(self.beam.width))
+
+
+def _shorter(beam: BeamConfig, length: int) -> BeamConfig:
+    return BeamConfig(beam.width, length, beam.per_root, beam.tree, node_cost=beam.node_cost)
 
 
 # In place of a beam, a lookup candidate must have matched at least this many tokens. Replayed on
@@ -141,6 +154,9 @@ class LookupDraft:
     def slots(self) -> int | None:
         base = draft_slots(self.base)  # None: sized from the candidates, the added one too
         return base if self.in_place or base is None else base + self.beam.length
+
+    def with_length(self, length: int) -> LookupDraft:
+        return LookupDraft(self.base.with_length(length), self.max_ngram, self.in_place)
 
     def __call__(self, draft_params, inputs: DraftInputs) -> Drafts:
         drafts = self.base(draft_params, inputs)
@@ -179,7 +195,7 @@ def target_embeddings(llm_params) -> TargetEmbeddings:
 
 
 class SpecState(NamedTuple):
-    """The while-loop carry (leading B on all but `step`)."""
+    """The while-loop carry (leading B on all but `step` and `policy`)."""
 
     cache: KVCache
     context: jax.Array  # [B, C] prompt then generated tokens
@@ -193,20 +209,24 @@ class SpecState(NamedTuple):
     calls: jax.Array  # [B] verify calls made while the row was active
     accepted: jax.Array  # [B, L+1] how often 0..L drafted tokens were accepted
     drafted: jax.Array  # [B] drafted tokens verified (tree node slots past the root), summed
+    by_size: jax.Array  # [B, S+1] verify steps by size while active (0: none drafted verified)
     step: jax.Array  # []
+    policy: PolicyState  # batch-level (`pipeline.policy`)
 
 
 class SpecOut(NamedTuple):
     """tokens [B, M] (first `lengths[b]` real, EOS included, rest PAD_ID), lengths [B], calls [B]
     verify calls (prefill not counted), accepted [B, L+1] histogram of accepted draft lengths,
     drafted [B] drafted-token slots verified over those calls (fewer than calls x L where a
-    best-first tree was cut, `BeamConfig.cuts`)."""
+    best-first tree was cut, `BeamConfig.cuts`), by_size [B, S+1] the row's verify calls by the
+    size the policy chose (index 0: the root alone, an autoregressive step; i: `sizes[i-1]`)."""
 
     tokens: jax.Array
     lengths: jax.Array
     calls: jax.Array
     accepted: jax.Array
     drafted: jax.Array
+    by_size: jax.Array
 
 
 def _emit(state: SpecState, emitted, num_emitted, eos_ids: tuple[int, ...]):
@@ -312,7 +332,8 @@ def cut_tree(drafts: Drafts, k: int, row_k=None) -> Drafts:
     """The first `k` drafted tokens of a best-first tree ([B, L, L+1] Drafts, one path per
     token): its first k paths, nothing deeper than k; also a lookup copy that replaced the tree
     (every row the same chain) cut to its first k tokens. row_k [B] (<= k) cuts each row's tree
-    further, to its own size: the paths past it keep only the root, which adds no node."""
+    further, to its own size: the paths past it keep only the root, which adds no node. With
+    k = 1 and row_k 0, any candidates ([B, W, L+1]) cut to their root alone."""
     tokens = drafts.tokens[:, :k]
     limit = jnp.full((tokens.shape[0],), k) if row_k is None else row_k
     depth = jnp.arange(tokens.shape[-1])[None, None, :]
@@ -325,70 +346,125 @@ def cut_tree(drafts: Drafts, k: int, row_k=None) -> Drafts:
     )
 
 
-def choose_cut(drafts: Drafts, sizes: tuple[int, ...], costs: tuple[float, ...]):
-    """[B] index into `sizes` per row: the tree size with the most expected tokens per cost,
-    `(1 + p_1 + ... + p_k) / cost_k` (`BeamConfig.cuts`, `BeamConfig.step_costs`).
-    drafts.scores [B, L] are the paths' log-probabilities in the order the tree chose them (a
-    lookup copy carries 0, probability 1). A row's choice depends on its own drafts alone."""
-    expected = jnp.cumsum(jnp.exp(drafts.scores), axis=1)  # [B, L] drafted tokens expected
-    gain = jnp.stack([(1.0 + expected[:, k - 1]) / c for k, c in zip(sizes, costs, strict=True)],
-                     axis=1)  # fmt: skip
-    return jnp.argmax(gain, axis=1).astype(jnp.int32)
+def default_costs(draft_fn: DraftFn, length: int) -> StepCosts:
+    """Unmeasured costs: the draft tree's linear model (`StepCosts.for_beam`), or for a draft
+    function without a `beam` one size, L, at a unit cost; every step drafts."""
+    beam = getattr(draft_fn, "beam", None)
+    return StepCosts.for_beam(beam) if beam is not None else StepCosts((length,), (0.0,), (1.0,))
+
+
+def _padded(drafts: Drafts, like) -> Drafts:
+    """[B, W', L'+1] Drafts padded to `like`'s [B, W, L+1] shapes: NO_TOKEN tokens, paths of
+    probability 0 (log -inf), so a smaller tree looks like the first part of the largest."""
+    rows, depth = (
+        like.tokens.shape[1] - drafts.tokens.shape[1],
+        like.tokens.shape[2] - drafts.tokens.shape[2],
+    )
+    return Drafts(
+        tokens=jnp.pad(drafts.tokens, ((0, 0), (0, rows), (0, depth)), constant_values=NO_TOKEN),
+        scores=jnp.pad(drafts.scores, ((0, 0), (0, rows)), constant_values=-jnp.inf),
+        token_log_probs=jnp.pad(drafts.token_log_probs, ((0, 0), (0, rows), (0, depth))),
+    )
+
+
+def _root_only(state: SpecState, like) -> Drafts:
+    """Candidates of `like`'s shapes holding the LLM's token alone: an autoregressive step."""
+    b, w, depth1 = like.tokens.shape
+    tokens = jnp.full((b, w, depth1), NO_TOKEN, jnp.int32).at[:, 0, 0].set(state.llm_token)
+    return Drafts(tokens, jnp.full((b, w), -jnp.inf), jnp.zeros((b, w, depth1 - 1)))
 
 
 def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, draft_fn: DraftFn,
-           rule: AcceptanceRule, eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
-    """Run draft -> verify -> accept until every row is done.
+           rule: AcceptanceRule, eos_ids: tuple[int, ...],
+           costs: StepCosts | None = None) -> SpecState:  # fmt: skip
+    """Run draft -> verify -> accept until every row is done, each step's sizes chosen by the
+    goodput policy (`pipeline.policy`) from `costs` (None: the draft tree's linear model,
+    `StepCosts.for_beam`, which always drafts).
+
+    Per step the policy picks how many tokens to draft (0: none, an autoregressive step; a
+    best-first tree of k tokens is the first k of the largest) and then how many of them to
+    verify (a tree is cut to its first k paths, `cut_tree`; beams verify all or none). One
+    compiled draft and one verify per size under `lax.switch`, which runs only the chosen one.
+    The cache is committed outside the switch, so no branch carries it.
 
     Stacked layers and the cache are split once, before the loop (see `pipeline.llm`'s
     `unstack_layers` and `unstack_cache`): XLA copies every layer's weights and keys/values out
     of stacked arrays on each verify call.
-
-    A best-first tree with `cuts` (`BeamConfig.cuts`) is cut per row and step to the size
-    `choose_cut` picks from the row's own drafts, so a row's output does not depend on its batch;
-    the batch verifies a tree of its active rows' largest size, one compiled verify per size
-    under `lax.switch`, which runs only the chosen one. The cache is committed outside the
-    switch, so no branch carries it.
     """
     llm_params = unstack_layers(llm_params)
     state = state._replace(cache=unstack_cache(state.cache))
     beam = getattr(draft_fn, "beam", None)
-    sizes = beam.verify_sizes if beam is not None and beam.cuts else ()
+    costs = costs or default_costs(draft_fn, state.accepted.shape[1] - 1)
+    if beam is not None and costs.sizes != beam.verify_sizes:
+        raise ValueError(f"StepCosts.sizes {costs.sizes} must be the tree's verify sizes "
+                         f"{beam.verify_sizes}")  # fmt: skip
+    sizes, tree = costs.sizes, beam is not None and beam.tree
+    # A best-first tree of k tokens is the first k of a longer one, so a smaller draft is drafted
+    # at its own size; a draft function that cannot shorten drafts in full and is cut.
+    shorter = getattr(draft_fn, "with_length", None)
+    fns = [shorter(k) if shorter and k != sizes[-1] else draft_fn for k in sizes]
+    full_slots = draft_slots(draft_fn)
 
     def step(state: SpecState) -> SpecState:
-        drafts = draft_step(draft_fn, draft_params, state, _draft_keys(state))
-        if not sizes:
-            slots = draft_slots(draft_fn)
-            ver = _verify_accept(llm_params, config, state, drafts, slots, rule)
-            return _commit_emit(state, drafts, ver, eos_ids, ver.new_k.shape[2] - 1)
-        full = 1 + beam.length
+        active = ~state.done
+        n_active = active.sum().astype(jnp.float32)
+        drafted, unprobed = policy.draft_choice(state.policy, costs, n_active)
+        keys = _draft_keys(state)
+        like = jax.eval_shape(lambda: draft_step(draft_fn, draft_params, state, keys))
+        like = Drafts(like.tokens, like.scores, like.token_log_probs)
 
-        def branch(k):
-            def run(drafts, row_k):
-                # The accepted candidate indexes the cut's paths, the first k of `drafts`.
-                cut = cut_tree(drafts, k, jnp.minimum(row_k, k))
-                return _verify_accept(llm_params, config, state, cut, 1 + k, rule,
-                                      pad_to=full)  # fmt: skip
+        def drafting(fn):
+            def run():
+                d = draft_step(fn, draft_params, state, keys)
+                return _padded(Drafts(d.tokens, d.scores, d.token_log_probs), like)
 
             return run
 
-        row_index = choose_cut(drafts, sizes, beam.step_costs())  # [B]
-        row_k = jnp.asarray(sizes, jnp.int32)[row_index]
-        index = jnp.max(jnp.where(state.done, 0, row_index))  # the batch verifies its largest
-        ver = jax.lax.switch(index, [branch(k) for k in sizes], drafts, row_k)
-        return _commit_emit(state, drafts, ver, eos_ids, row_k)
+        branches = [lambda: _root_only(state, like)] + [drafting(fn) for fn in fns]
+        drafts = jax.lax.switch(drafted, branches)
+        expected = policy.expected_accepted(drafts, sizes, tree)
+        verified = policy.verify_choice(state.policy, costs, expected, active, drafted)
+        slots = full_slots or 1 + like.tokens.shape[1] * (like.tokens.shape[2] - 1)
+
+        def verifying(i):
+            def run(drafts):
+                if i == 0:
+                    cut, nodes = (
+                        cut_tree(drafts, 1, jnp.zeros(drafts.tokens.shape[:1], jnp.int32)),
+                        1,
+                    )
+                elif tree:
+                    cut, nodes = cut_tree(drafts, sizes[i - 1]), 1 + sizes[i - 1]
+                else:
+                    cut, nodes = drafts, slots
+                return _verify_accept(llm_params, config, state, cut, nodes, rule, pad_to=slots)
+
+            return run
+
+        ver = jax.lax.switch(verified, [verifying(i) for i in range(len(sizes) + 1)], drafts)
+        nodes = jnp.asarray([0] + [k if tree else slots - 1 for k in sizes])[verified]
+        pol = policy.update(state.policy, costs, expected, active, drafted, verified, ver.length,
+                            unprobed)  # fmt: skip
+        by_size = (
+            state.by_size
+            + jax.nn.one_hot(verified, len(sizes) + 1, dtype=jnp.int32) * active[:, None]
+        )
+        state = state._replace(policy=pol, by_size=by_size)
+        return _commit_emit(state, drafts, ver, eos_ids, nodes)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
 
 
 def start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, *, config: LlamaConfig,
           sampling: SamplingConfig, num_tokens: int, length: int,
-          eos_ids: tuple[int, ...]) -> SpecState:  # fmt: skip
+          eos_ids: tuple[int, ...], costs: StepCosts | None = None) -> SpecState:  # fmt: skip
     """Prefill [B, T] right-padded prompts into a cache of T + M + L slots; pick the first token.
 
-    max_new [B] (<= num_tokens = M), row_ids [B], `length` = L (the draft length). The cache
-    is fp32 whatever the weights' dtype, as `pipeline.generate`'s by default.
+    max_new [B] (<= num_tokens = M), row_ids [B], `length` = L (the draft length), `costs` the
+    policy's (None: one size, L). The cache is fp32 whatever the weights' dtype, as
+    `pipeline.generate`'s by default.
     """
+    costs = costs or StepCosts((length,), (0.0,), (1.0,))
     b, t = prompts.shape
     slots = t + num_tokens + length
     cache = init_cache(config, b, slots, jnp.float32)
@@ -411,7 +487,9 @@ def start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, *, config:
         calls=jnp.zeros((b,), jnp.int32),
         accepted=jnp.zeros((b, length + 1), jnp.int32),
         drafted=jnp.zeros((b,), jnp.int32),
+        by_size=jnp.zeros((b, 1 + len(costs.sizes)), jnp.int32),
         step=jnp.zeros((), jnp.int32),
+        policy=policy.init_state(costs),
     )
     return _emit(state, first[:, None], jnp.ones((b,), jnp.int32), eos_ids)
 
@@ -421,26 +499,28 @@ def finish(state: SpecState, num_tokens: int) -> SpecOut:
     cut = jax.vmap(lambda c, p: jax.lax.dynamic_slice(c, (p,), (num_tokens,)))
     tokens = cut(state.context, state.num_prompt)
     tokens = jnp.where(jnp.arange(num_tokens)[None, :] < state.num_out[:, None], tokens, PAD_ID)
-    return SpecOut(tokens, state.num_out, state.calls, state.accepted, state.drafted)
+    return SpecOut(tokens, state.num_out, state.calls, state.accepted, state.drafted, state.by_size)
 
 
 def generate_core(llm_params, draft_params, prompts, prompt_lengths, max_new, key, row_ids,
                   config: LlamaConfig, draft_fn: DraftFn, rule: AcceptanceRule,
                   sampling: SamplingConfig, num_tokens: int, length: int,
-                  eos_ids: tuple[int, ...]) -> SpecOut:  # fmt: skip
-    """Prefill, decode and cut, as one pure function of arrays (arguments 7.. are static).
+                  eos_ids: tuple[int, ...], costs: StepCosts | None = None) -> SpecOut:  # fmt: skip
+    """Prefill, decode and cut, as one pure function of arrays (arguments 7.. are static;
+    `costs`: the policy's, `decode`).
 
     Positional so `sharding.shard_jit` can shard arguments 2, 3, 4 and 6 over the batch.
     """
+    costs = costs or default_costs(draft_fn, length)
     static = dict(config=config, sampling=sampling, length=length, eos_ids=eos_ids)
     state = start(llm_params, prompts, prompt_lengths, max_new, key, row_ids, num_tokens=num_tokens,
-                  **static)  # fmt: skip
+                  costs=costs, **static)  # fmt: skip
     state = decode(llm_params, draft_params, state, config=config, draft_fn=draft_fn, rule=rule,
-                   eos_ids=eos_ids)  # fmt: skip
+                   eos_ids=eos_ids, costs=costs)  # fmt: skip
     return finish(state, num_tokens)
 
 
-GENERATE_STATIC = (7, 8, 9, 10, 11, 12, 13)
+GENERATE_STATIC = (7, 8, 9, 10, 11, 12, 13, 14)
 GENERATE_BATCH = (2, 3, 4, 6)
 generate_jit = jax.jit(generate_core, static_argnums=GENERATE_STATIC)
 

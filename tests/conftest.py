@@ -6,11 +6,15 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Step costs timed on a machine busy with tests are not the machine's: keep them out of the
+# cache that users' engines read (`pipeline.tree_costs`).
+os.environ["SPECDRAFT_STEP_COSTS"] = tempfile.mkdtemp(prefix="specdraft-step-costs-")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

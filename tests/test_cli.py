@@ -260,42 +260,39 @@ def test_engine_flags_carry_the_tree():
 
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
-    shape = lambda argv: (lambda c: (c.beam, c.single_beam))(
-        engine_config_from_args(parser.parse_args(argv))
-    )
-    # a best-first tree for one greedy prompt
-    assert shape([]) == (BeamConfig(1, 1), BeamConfig(4, 8, tree=True, cuts=(1, 2, 4)))
-    assert shape(["--width", "2", "--length", "3"]) == (BeamConfig(2, 3), None)
-    assert shape(["--length", "2"]) == (BeamConfig(1, 2), None)
+    shape = lambda argv: engine_config_from_args(parser.parse_args(argv)).beam
+    default = BeamConfig(4, 8, tree=True, cuts=(1, 2, 4))  # every batch's, sized per step
+    assert shape([]) == default
+    assert shape(["--width", "2", "--length", "3"]) == BeamConfig(2, 3)  # W beams of L
+    assert shape(["--length", "2"]) == BeamConfig(4, 2)
     per_root = ["--width", "2", "--length", "4", "--per-root"]
-    assert shape(per_root) == (BeamConfig(2, 4, per_root=True), None)
-    assert shape(["--no-per-root"]) == (BeamConfig(1, 1), None)
+    assert shape(per_root) == BeamConfig(2, 4, per_root=True)
     tree = ["--width", "3", "--length", "5", "--tree"]
-    assert shape(tree) == (BeamConfig(3, 5, tree=True), None)
-    assert shape(["--tree"]) == (BeamConfig(4, 8, tree=True), None)  # the default tree's shape
-    assert shape(["--tree", "--length", "6"]) == (BeamConfig(4, 6, tree=True), None)
+    assert shape(tree) == BeamConfig(3, 5, tree=True, cuts=(1, 2, 4))  # the default's cuts
+    assert shape(["--tree"]) == default
+    assert shape(["--tree", "--length", "3"]) == BeamConfig(4, 3, tree=True, cuts=(1, 2))
     with pytest.raises(ValueError, match="per_root and tree"):
         engine_config_from_args(parser.parse_args([*tree, "--per-root"]))
     with pytest.raises(ValueError, match="BeamConfig.width"):
         engine_config_from_args(parser.parse_args(["--width", "0"]))
+    config = engine_config_from_args(parser.parse_args(["--fixed", "--draft-method", "sample"]))
+    assert (config.adaptive, config.beam) == (False, BeamConfig(1, 4))  # samples: no tree
+    with pytest.raises(ValueError, match="draft_method 'sample'"):
+        engine_config_from_args(parser.parse_args(["--tree", "--length", "3",
+                                                   "--draft-method", "sample"]))  # fmt: skip
 
 
 def test_engine_flags_carry_the_cuts():
-    import dataclasses
-
     from drafter.config import BeamConfig
-    from pipeline.engine import EngineConfig
     from pipeline.generate_cmd import add_engine_arguments, engine_config_from_args
 
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     config = lambda *argv: engine_config_from_args(parser.parse_args(list(argv)))
-    one = EngineConfig().single_beam
-    got = config("--cuts", "4", "2")  # the default tree for one greedy prompt, cut to 2 or 4
-    assert (got.beam, got.single_beam) == (BeamConfig(1, 1), dataclasses.replace(one, cuts=(2, 4)))
-    assert config("--cuts").single_beam.cuts == ()  # never cut
+    assert config("--cuts", "4", "2").beam == BeamConfig(4, 8, tree=True, cuts=(2, 4))
+    assert config("--cuts").beam.cuts == ()  # the full tree or none
     got = config("--tree", "--length", "6", "--cuts", "3")
-    assert (got.beam, got.single_beam) == (BeamConfig(4, 6, tree=True, cuts=(3,)), None)
+    assert got.beam == BeamConfig(4, 6, tree=True, cuts=(3,))
     with pytest.raises(ValueError, match="best-first"):
         config("--width", "2", "--cuts", "1")
     with pytest.raises(ValueError, match="BeamConfig.cuts"):

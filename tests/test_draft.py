@@ -36,7 +36,7 @@ ENV.update(RAY_AUTH_MODE="disabled", JAX_PLATFORMS="cpu")
 
 
 def engine(method="beam", width=4, length=5, tree=False, temperature=0.0, batch_size=4):
-    config = EngineConfig(beam=BeamConfig(width, length, tree=tree), single_beam=None, lookup=0,
+    config = EngineConfig(beam=BeamConfig(width, length, tree=tree), lookup=0,
                           draft_method=method, draft_log_probs=True, max_new_tokens=2,
                           sampling=SamplingConfig(temperature), batch_size=batch_size,
                           time_phases=False)  # fmt: skip
@@ -156,7 +156,7 @@ def test_draft_config_from_flags():
     config = lambda *argv: draft_config_from_args(parser.parse_args(list(argv)))
     default = config()
     assert (default.beam, default.draft_method, default.lookup) == (BeamConfig(4, 5), "beam", 0)
-    assert default.sampling.temperature == 0.0 and default.single_beam is None
+    assert default.sampling.temperature == 0.0
     sample = config("--method", "sample", "--top-k", "5")
     assert (sample.draft_method, sample.sampling) == ("sample", SamplingConfig(1.0, 5, None))
     tree = config("--method", "tree", "--width", "3", "--length", "6", "--log-probs")

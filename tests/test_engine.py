@@ -138,26 +138,16 @@ def test_draft_returns_beams_rooted_at_the_first_greedy_token():
         assert scores == sorted(scores, reverse=True)
 
 
-def test_a_greedy_batch_of_one_prompt_drafts_with_single_beam():
+def test_one_tree_serves_every_batch_and_temperature():
+    """`EngineConfig.beam` (the default best-first tree) for every batch and temperature; the
+    policy sizes each step, and a sampled draft method needs a W x L shape."""
+    tree = BeamConfig(4, 8, tree=True, cuts=(1, 2, 4))
+    assert EngineConfig().beam == tree and EngineConfig().adaptive
     llm = init_llm(CONFIG, jax.random.key(0))
-    config = EngineConfig(beam=BeamConfig(3, 2), single_beam=BeamConfig(1, 4), max_new_tokens=10,
-                          batch_size=1, time_phases=False)  # fmt: skip
-    eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
-    assert eng.beam_for(1) == BeamConfig(1, 4) and eng.beam_for(2) == BeamConfig(3, 2)
-    alone = eng.generate(ITEMS)
-    together = engine(batch_size=3).generate(ITEMS)
-    # Greedy output is AR's whatever the tree; the metrics say which tree decoded the row.
-    assert [r["token_ids"] for r in alone] == [r["token_ids"] for r in together]
-    for r in alone:
-        m = r["metrics"]
-        assert (m["width"], m["length"], len(m["acceptance_per_depth"])) == (1, 4, 4)
-    assert {(r["metrics"]["width"], r["metrics"]["length"]) for r in together} == {(3, 2)}
-    assert len(eng.draft(ITEMS[:1])[0]["drafts"][0]["tokens"]) == 4  # the drafter's own, L = 4
-    # Sampling keeps `beam` (a prompt's draws must not depend on its batch); None: always `beam`.
-    hot = dataclasses.replace(config, sampling=SamplingConfig(temperature=1.0))
-    assert Engine.from_params(CONFIG, llm, config=hot).beam_for(1) == BeamConfig(3, 2)
-    fixed = dataclasses.replace(config, single_beam=None)
-    assert Engine.from_params(CONFIG, llm, config=fixed).beam_for(1) == BeamConfig(3, 2)
+    eng = Engine.from_params(CONFIG, llm, config=EngineConfig(adaptive=False))
+    assert eng.beam_for(1) == eng.beam_for(8) == tree
+    with pytest.raises(ValueError, match="draft_method 'sample'"):
+        EngineConfig(draft_method="sample")
 
 
 def test_the_transposed_head_copy_changes_no_token():
@@ -191,13 +181,12 @@ def test_the_transposed_head_copy_changes_no_token():
 
 
 def test_a_best_first_tree_for_one_prompt_is_exact():
-    """`single_beam` = a best-first tree decodes a prompt alone to AR's tokens, drafts with the
-    one-row head layout, and its drafts come back as paths without NO_TOKEN."""
+    """A best-first tree decodes a prompt alone to AR's tokens, drafts with the one-row head
+    layout, and its drafts come back as paths without NO_TOKEN."""
     llm = init_llm(CONFIG, jax.random.key(0))
-    default = BeamConfig(4, 8, tree=True, cuts=(1, 2, 4))  # the CPU default (README)
-    assert EngineConfig().single_beam == default
     tree = BeamConfig(3, 4, tree=True)
-    config = EngineConfig(single_beam=tree, max_new_tokens=10, batch_size=1, time_phases=False)
+    config = EngineConfig(beam=tree, max_new_tokens=10, batch_size=1, time_phases=False,
+                          adaptive=False)  # fmt: skip
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
     assert eng.draft_params_for(1, tree) is eng.draft_params
     for item, r in zip(ITEMS, eng.generate(ITEMS), strict=True):
@@ -213,10 +202,9 @@ def test_a_best_first_tree_for_one_prompt_is_exact():
 
 
 def test_a_per_root_tree_for_one_prompt_is_exact():
-    """`single_beam` = (2, 4) per root decodes a prompt alone to AR's tokens, and the metrics
-    name the tree."""
+    """(2, 4) per root decodes a prompt alone to AR's tokens, and the metrics name the tree."""
     llm = init_llm(CONFIG, jax.random.key(0))
-    config = EngineConfig(single_beam=BeamConfig(2, 4, per_root=True), max_new_tokens=10,
+    config = EngineConfig(beam=BeamConfig(2, 4, per_root=True), max_new_tokens=10,
                           batch_size=1, time_phases=False)  # fmt: skip
     eng = Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
     results = eng.generate(ITEMS)
@@ -230,16 +218,22 @@ def test_a_per_root_tree_for_one_prompt_is_exact():
     assert len(beams) == 2 and beams[0][0] != beams[1][0]  # two distinct first tokens
 
 
-def test_a_cut_tree_gets_costs_measured_here_and_reports_them():
-    """`EngineConfig.calibrate_cuts`: the costs come from `pipeline.tree_costs` (timings, so
-    only their shape is checked); the output stays greedy AR's."""
+def test_the_policy_gets_step_costs_measured_here_and_reports_its_choices(tmp_path, monkeypatch):
+    """`EngineConfig.adaptive`: a table of step costs for the batch's rows from
+    `pipeline.tree_costs` (timings, so only their shape is checked), cached on disk; the output
+    stays greedy AR's and the metrics count the steps by the size verified."""
+    monkeypatch.setenv("SPECDRAFT_STEP_COSTS", str(tmp_path / "step-costs"))
     tree = BeamConfig(3, 4, tree=True, cuts=(1, 2))
-    config = EngineConfig(beam=tree, single_beam=None, max_new_tokens=10, time_phases=False)
+    config = EngineConfig(beam=tree, max_new_tokens=10, time_phases=False, devices=1)
     eng = Engine.from_params(CONFIG, init_llm(CONFIG, jax.random.key(0)), config=config,
                              tokenizer=CharTokenizer())  # fmt: skip
-    beam = eng.beam_for(3)
-    assert (beam.cuts, len(beam.costs)) == ((1, 2), 3) and all(c > 0 for c in beam.costs)
-    assert eng.beam_for(1) is beam  # measured once
+    costs = eng.costs_for(3)
+    assert (costs.sizes, costs.rows, costs.measured) == ((1, 2, 4), 3, True)
+    assert costs.ar > 0 and all(c > 0 for c in costs.verify) and len(costs.draft) == 3
+    assert eng.costs_for(3) is costs  # measured once
+    assert len(list((tmp_path / "step-costs").glob("*.json"))) == 1
+    again = Engine.from_params(CONFIG, init_llm(CONFIG, jax.random.key(0)), config=config)
+    assert again.costs_for(3) == costs  # from the disk cache, not re-timed
     results = eng.generate(ITEMS)
     prompts = [eng.encode(item) for item in ITEMS]
     toks, lengths = eng._batch(prompts)
@@ -247,11 +241,13 @@ def test_a_cut_tree_gets_costs_measured_here_and_reports_them():
     for i, r in enumerate(results):
         assert r["token_ids"] == [int(t) for t in want.tokens[i, : want.lengths[i]]]
         m = r["metrics"]
-        assert m["cuts"] == [1, 2] and m["cut_costs"] == list(beam.costs)
-        assert 1 <= m["drafted_per_call"] <= 4
-    fixed = dataclasses.replace(config, calibrate_cuts=False)
+        assert m["cuts"] == [1, 2] and m["step_costs"] == costs.as_dict()
+        assert set(m["steps_by_size"]) == {"0", "1", "2", "4"}
+        assert sum(m["steps_by_size"].values()) == m["steps"]
+    fixed = dataclasses.replace(config, adaptive=False)
     eng = Engine.from_params(CONFIG, init_llm(CONFIG, jax.random.key(0)), config=fixed)
-    assert eng.beam_for(3) == tree and eng.beam_for(3).step_costs() == (1.06, 1.12, 1.24)
+    model = eng.costs_for(3)
+    assert model.ar is None and model.verify == (1.06, 1.12, 1.24) and not model.measured
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

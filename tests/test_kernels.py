@@ -265,7 +265,7 @@ WIDE = BeamConfig(3, 2)
 
 
 def _engine(matmul, devices=1, beam=WIDE, batch_size=3):
-    config = EngineConfig(beam=beam, single_beam=None, max_new_tokens=12, devices=devices,
+    config = EngineConfig(beam=beam, max_new_tokens=12, devices=devices,
                           batch_size=batch_size, time_phases=False, matmul=matmul)  # fmt: skip
     llm = init_llm(CONFIG, jax.random.key(0))
     return Engine.from_params(CONFIG, llm, config=config, tokenizer=CharTokenizer())
@@ -307,7 +307,7 @@ def test_the_drafter_head_rows_are_held_in_draft_head_dtype_and_output_stays_exa
     llm = init_llm(CONFIG, jax.random.key(0))
     out = {}
     for dtype in ("bfloat16", "float32"):
-        config = EngineConfig(beam=BeamConfig(3, 4, tree=True), single_beam=None,
+        config = EngineConfig(beam=BeamConfig(3, 4, tree=True),
                               max_new_tokens=12, batch_size=1, devices=1,
                               time_phases=False, matmul="kernel",
                               draft_head_dtype=dtype)  # fmt: skip

@@ -265,22 +265,9 @@ def test_a_cut_best_first_tree_is_its_first_k_nodes(llm):
     assert int(pack_trees(cut.tokens, 3).num_nodes[0]) == 3
 
 
-def test_choose_cut_weighs_expected_tokens_against_the_tree_cost():
-    p = jnp.asarray([[0.9, 0.5, 0.1, 0.05], [1.0, 1.0, 1.0, 1.0], [0.1, 0.01, 0.01, 0.01]])
-    drafts = Drafts(jnp.zeros((3, 4, 5), jnp.int32), jnp.log(p), jnp.zeros((3, 4, 4)))
-    costs = lambda c: BeamConfig(4, 4, tree=True, cuts=(1, 2), node_cost=c).step_costs()
-    # At cost 0.06 a node: row 0 (1 + 1.4) / 1.12 = 2.14 at 2 tokens > 2.55 / 1.24 = 2.06 at 4.
-    assert spec.choose_cut(drafts, (1, 2, 4), costs(0.06)).tolist() == [1, 2, 0]
-    assert spec.choose_cut(drafts, (1, 2, 4), costs(0.0)).tolist() == [2, 2, 2]  # free nodes
-    assert spec.choose_cut(drafts, (1, 2, 4), costs(10.0)).tolist() == [0, 0, 0]
-    # Measured costs replace the linear model: here a second node doubles the cost, and a tree
-    # of 4 costs what one of 2 does (row 0: 1.9 at 1 token, 1.2 at 2, 1.275 at 4).
-    assert spec.choose_cut(drafts, (1, 2, 4), (1.0, 2.0, 2.0)).tolist() == [0, 2, 0]
-
-
 def test_a_sampled_row_with_a_cut_tree_does_not_depend_on_its_batch(llm, prompts):
-    """Each row cuts its own tree and draws one key per node (split, prefix-stable), so the
-    batch's larger cuts around it change nothing."""
+    """The batch chooses its cuts together (`pipeline.policy`), alone a row chooses its own, and
+    each output index draws with its own key, so the sizes differ and the tokens do not."""
     tree = BeamConfig(3, 4, tree=True, cuts=(1, 2), node_cost=0.3)
     draft = spec.BeamDraft(DRAFTER, tree)
     params = jax.tree.map(lambda x: 3.0 * x, init_drafter(DRAFTER, jax.random.key(2)))
@@ -289,14 +276,15 @@ def test_a_sampled_row_with_a_cut_tree_does_not_depend_on_its_batch(llm, prompts
     rule = accept.sampling_rule(hot)
     toks, lengths = prompts
     together = run_spec(llm, draft_params, draft, toks, lengths, 12, hot, rule, key=7)
-    drafted = np.asarray(together.drafted)
-    assert len(set((drafted / np.asarray(together.calls)).round(3))) > 1  # rows cut differently
+    sizes_differ = False
     for b in range(len(lengths)):
         alone = run_spec(llm, draft_params, draft, toks[b : b + 1], lengths[b : b + 1], 12, hot,
                          rule, key=7, row_ids=jnp.asarray([b]))  # fmt: skip
         n = int(together.lengths[b])
         assert int(alone.lengths[0]) == n
         np.testing.assert_array_equal(alone.tokens[0, :n], together.tokens[b, :n])
+        sizes_differ |= not np.array_equal(alone.by_size[0], together.by_size[b])
+    assert sizes_differ  # the test shows something: a row's choices did depend on its batch
 
 
 def test_sampled_drafts_refuse_cuts():
@@ -305,14 +293,17 @@ def test_sampled_drafts_refuse_cuts():
 
 
 def test_greedy_equals_autoregressive_with_a_cut_tree(llm, prompts):
-    tree = BeamConfig(3, 4, tree=True, cuts=(1, 2), node_cost=0.3)
-    oracle = CalibratedTreeDraft(CONFIG, tree)
-    got = run_spec(llm, llm, oracle, *prompts, max_new=14)
-    assert_same_tokens(got, autoregressive(llm, *prompts, 14))
-    calls, drafted = np.asarray(got.calls), np.asarray(got.drafted)
-    assert calls.sum() < drafted.sum() < 4 * calls.sum(), (calls, drafted)  # cut, not always
-    hist = np.asarray(got.accepted).sum(0)
-    assert hist[3] > 0, hist  # the whole tree's deepest path, where it was not cut
+    """The batch verifies the size its drafts' path probabilities say pays at the tree's node
+    cost (`pipeline.policy`): dearer nodes, fewer verified; the output is AR's at every cost."""
+    per_call, deepest = [], []
+    for node_cost in (0.02, 0.15, 0.5):
+        tree = BeamConfig(3, 4, tree=True, cuts=(1, 2), node_cost=node_cost)
+        got = run_spec(llm, llm, CalibratedTreeDraft(CONFIG, tree), *prompts, max_new=14)
+        assert_same_tokens(got, autoregressive(llm, *prompts, 14))
+        per_call.append(np.asarray(got.drafted).sum() / np.asarray(got.calls).sum())
+        deepest.append(int(np.asarray(got.accepted).sum(0)[3]))
+    assert per_call == sorted(per_call, reverse=True) and per_call[0] > per_call[-1], per_call
+    assert deepest[0] > 0, deepest  # the whole tree's deepest path, where it was not cut
     full = run_spec(llm, llm, OracleTreeDraft(CONFIG, BeamConfig(3, 4, tree=True)), *prompts,
                     max_new=14)  # fmt: skip
     assert np.asarray(full.drafted).tolist() == (4 * np.asarray(full.calls)).tolist()
@@ -403,7 +394,16 @@ def test_sharded_over_4_devices_equals_unsharded(llm, prompts):
     b = len(lengths)  # 5 rows: padded to 8 on 4 devices
     args = (jnp.asarray(toks), jnp.asarray(lengths), jnp.full((b,), 9, jnp.int32),
             jax.random.key(3), jnp.arange(b))  # fmt: skip
-    static = (CONFIG, draft, spec.default_rule(hot), hot, 9, BEAM.length, CONFIG.eos_token_ids)
+    static = (
+        CONFIG,
+        draft,
+        spec.default_rule(hot),
+        hot,
+        9,
+        BEAM.length,
+        CONFIG.eos_token_ids,
+        None,
+    )
     mesh = make_mesh(4)
     sharded = shard_jit(spec.generate_core, mesh, spec.GENERATE_BATCH, spec.GENERATE_STATIC)
     got = sharded(replicate(llm, mesh), replicate(draft_params, mesh), *args, *static)
