@@ -13,12 +13,14 @@ cost (SmartSpec's goodput, arXiv 2406.14066):
 2. after drafting D tokens (a best-first tree of D tokens is the first D of a larger one), the
    verified size k <= D from this step's own path probabilities: the drafting is paid, so only
    `verify[k]` counts (k = 0 verifies the root alone);
-3. after verifying: the calibration (observed accepted / predicted, decayed sums) and `est`.
+3. after verifying: per size, the calibration (accepted / predicted, decayed sums; what a
+   verified tree accepted is also what each of its cuts would have accepted, since the target's
+   token at a node does not depend on the tree, `accepted_by_size`) and `est`.
 
 Estimates above the drafted size are not refreshed by a step, so every `wait` steps the choice is
-probed one size up, with the wait doubling while probes change nothing (a probe costs a larger
-draft once). Choices are batch-level and change no output: a row's tokens are its
-autoregressive tokens whatever is drafted (`pipeline.accept`).
+probed one size up, drafted and verified at that size, with the wait doubling while probes
+change nothing (a probe costs one larger step). Choices are batch-level and change no output:
+a row's tokens are its autoregressive tokens whatever is drafted (`pipeline.accept`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from drafter.drafting import NO_TOKEN
 
 # Decay of the calibration's sums per verify step: about the last 20 steps count.
 CALIBRATION_DECAY = 0.95
@@ -81,8 +85,8 @@ class PolicyState(NamedTuple):
     """The policy's carry in the decode loop (scalars and [S] arrays, not per row)."""
 
     est: jax.Array  # [S] expected accepted drafted tokens per active row at each size
-    calib_num: jax.Array  # [] decayed sum of accepted drafted tokens
-    calib_den: jax.Array  # [] decayed sum of what the drafter's path probabilities predicted
+    calib_num: jax.Array  # [S] decayed sums of accepted drafted tokens, per size
+    calib_den: jax.Array  # [S] decayed sums of what the drafter's path probabilities predicted
     wait: jax.Array  # [] int32 steps until the next probe
     backoff: jax.Array  # [] int32 the wait set after a probe
     last: jax.Array  # [] int32 the last unprobed choice (0 = AR, i + 1 = sizes[i])
@@ -93,8 +97,8 @@ def init_state(costs: StepCosts) -> PolicyState:
     pays on that assumption, and the drafts then say what they are worth."""
     return PolicyState(
         est=jnp.asarray(costs.sizes, jnp.float32),
-        calib_num=jnp.ones((), jnp.float32),
-        calib_den=jnp.ones((), jnp.float32),
+        calib_num=jnp.ones((len(costs.sizes),), jnp.float32),
+        calib_den=jnp.ones((len(costs.sizes),), jnp.float32),
         wait=jnp.full((), PROBE_MIN, jnp.int32),
         backoff=jnp.full((), PROBE_MIN, jnp.int32),
         last=jnp.full((), len(costs.sizes), jnp.int32),
@@ -132,13 +136,32 @@ def expected_accepted(drafts, sizes: tuple[int, ...], tree: bool):
     return jnp.cumsum(prefix, axis=1)[:, jnp.asarray(sizes) - 1]
 
 
+def accepted_by_size(drafts, beam, length, sizes: tuple[int, ...], tree: bool):
+    """[B, S] drafted tokens each size would have accepted, from a step that accepted `length`
+    [B] tokens of candidate `beam` [B]: a best-first tree's cut to k keeps its first k paths, and
+    the accepted path's nodes among them are what that cut accepts (the target picks the same
+    token at a node whatever else the tree holds). Beams verify all or nothing: `length`."""
+    if not tree:
+        return jnp.broadcast_to(length[:, None], (length.shape[0], len(sizes)))
+    tokens = drafts.tokens  # [B, L, L+1], candidate w the path to the (w+1)-th chosen token
+    depth = (tokens[:, :, 1:] != NO_TOKEN).sum(-1)  # [B, L]
+    path = jnp.take_along_axis(tokens, beam[:, None, None], axis=1)  # [B, 1, L+1]
+    cols = jnp.arange(tokens.shape[2])[None, None, :]
+    same = (tokens == path) | (cols > depth[..., None])  # [B, L, L+1]
+    on_path = same.all(-1) & (depth >= 1) & (depth <= length[:, None])  # [B, L]
+    counted = jnp.cumsum(on_path, axis=1)  # [B, L] accepted among the first w+1 paths
+    return counted[:, jnp.asarray(sizes) - 1]
+
+
 def calibration(policy: PolicyState):
+    """[S] accepted over predicted, per size."""
     return policy.calib_num / jnp.maximum(policy.calib_den, 1e-6)
 
 
-def verify_choice(policy: PolicyState, costs: StepCosts, expected, active, drafted):
+def verify_choice(policy: PolicyState, costs: StepCosts, expected, active, drafted, unprobed):
     """[] int32 the size to verify, 0 (root alone) .. `drafted` (the index the drafts were made
-    at): the most expected tokens per verify cost, the drafting being paid already."""
+    at): the most expected tokens per verify cost, the drafting being paid already. A probe
+    (`drafted` above `unprobed`) verifies what it drafted, so that size's calibration learns."""
     n = active.sum().astype(jnp.float32)
     mean = (expected * active[:, None]).sum(0)  # [S]
     tokens = n + calibration(policy) * mean
@@ -146,27 +169,26 @@ def verify_choice(policy: PolicyState, costs: StepCosts, expected, active, draft
     allowed = jnp.arange(len(costs.sizes) + 1) <= drafted
     if costs.ar is None:
         allowed = allowed & (jnp.arange(len(costs.sizes) + 1) > 0)
-    return jnp.argmax(jnp.where(allowed, rates, -jnp.inf)).astype(jnp.int32)
+    best = jnp.argmax(jnp.where(allowed, rates, -jnp.inf)).astype(jnp.int32)
+    return jnp.where(drafted > unprobed, drafted, best)
 
 
-def update(policy: PolicyState, costs: StepCosts, expected, active, drafted, verified, accepted,
+def update(policy: PolicyState, costs: StepCosts, expected, active, drafted, verified, observed,
            unprobed) -> PolicyState:  # fmt: skip
-    """The state after a step that drafted at index `drafted`, verified at `verified` (0 = none)
-    and accepted `accepted` [B] drafted tokens; `unprobed` the choice before any probe."""
+    """The state after a step that drafted at index `drafted`, verified at `verified` (0 = none;
+    i = sizes[i - 1]), with `observed` [B, S] what each size accepted (`accepted_by_size`, read
+    where the size is at most the verified one); `unprobed` the choice before any probe."""
     act = active.astype(jnp.float32)
     n = jnp.maximum(act.sum(), 1.0)
     s = len(costs.sizes)
-    if s:
-        predicted = (expected[:, jnp.maximum(verified - 1, 0)] * act).sum()
-        counted = verified > 0
-        num = jnp.where(counted, CALIBRATION_DECAY * policy.calib_num + (accepted * act).sum(),
-                        policy.calib_num)  # fmt: skip
-        den = jnp.where(counted, CALIBRATION_DECAY * policy.calib_den + predicted,
-                        policy.calib_den)  # fmt: skip
-        policy = policy._replace(calib_num=num, calib_den=den)
-        fresh = calibration(policy) * (expected * act[:, None]).sum(0) / n  # [S]
-        seen = (jnp.arange(s) < drafted) & (act.sum() > 0)
-        policy = policy._replace(est=jnp.where(seen, fresh, policy.est))
+    known = (jnp.arange(s) < verified) & (act.sum() > 0)  # sizes whose acceptance this step shows
+    num = CALIBRATION_DECAY * policy.calib_num + (observed * act[:, None]).sum(0)
+    den = CALIBRATION_DECAY * policy.calib_den + (expected * act[:, None]).sum(0)
+    policy = policy._replace(calib_num=jnp.where(known, num, policy.calib_num),
+                             calib_den=jnp.where(known, den, policy.calib_den))  # fmt: skip
+    fresh = calibration(policy) * (expected * act[:, None]).sum(0) / n  # [S]
+    seen = (jnp.arange(s) < drafted) & (act.sum() > 0)
+    policy = policy._replace(est=jnp.where(seen, fresh, policy.est))
     probed = drafted != unprobed
     moved = unprobed != policy.last
     backoff = jnp.where(moved, PROBE_MIN,

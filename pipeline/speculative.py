@@ -423,7 +423,7 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
         branches = [lambda: _root_only(state, like)] + [drafting(fn) for fn in fns]
         drafts = jax.lax.switch(drafted, branches)
         expected = policy.expected_accepted(drafts, sizes, tree)
-        verified = policy.verify_choice(state.policy, costs, expected, active, drafted)
+        verified = policy.verify_choice(state.policy, costs, expected, active, drafted, unprobed)
         slots = full_slots or 1 + like.tokens.shape[1] * (like.tokens.shape[2] - 1)
 
         def verifying(i):
@@ -443,7 +443,8 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
 
         ver = jax.lax.switch(verified, [verifying(i) for i in range(len(sizes) + 1)], drafts)
         nodes = jnp.asarray([0] + [k if tree else slots - 1 for k in sizes])[verified]
-        pol = policy.update(state.policy, costs, expected, active, drafted, verified, ver.length,
+        observed = policy.accepted_by_size(drafts, ver.beam, ver.length, sizes, tree)
+        pol = policy.update(state.policy, costs, expected, active, drafted, verified, observed,
                             unprobed)  # fmt: skip
         by_size = (
             state.by_size

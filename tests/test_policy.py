@@ -38,7 +38,9 @@ def test_verify_choice_weighs_expected_tokens_against_the_verify_cost():
     state = policy.init_state(costs((1.0, 1.0, 1.0)))
     expected = jnp.asarray([[0.9, 1.4, 1.55], [1.0, 2.0, 4.0], [0.1, 0.11, 0.13]])
     active = jnp.asarray([True, True, True])
-    pick = lambda c, drafted=3: int(policy.verify_choice(state, c, expected, active, drafted))
+    pick = lambda c, drafted=3: int(
+        policy.verify_choice(state, c, expected, active, drafted, drafted)
+    )
     # Batch tokens 3 + (2.0, 3.51, 5.68): free nodes verify the most; linear costs per node
     # 1 + 0.5k: 5.0 / 1.5 = 3.33, 6.51 / 2 = 3.26, 8.68 / 3 = 2.89: one drafted token.
     assert pick(costs((1.0, 1.0, 1.0))) == 3
@@ -50,9 +52,12 @@ def test_verify_choice_weighs_expected_tokens_against_the_verify_cost():
     assert pick(costs((1.0, 1.0, 1.0)), drafted=2) == 2  # never more than was drafted
     # Finished rows count for nothing: row 1 alone makes 4 drafted tokens pay.
     alone = policy.verify_choice(
-        state, costs((1.5, 2.0, 3.0), ar=1.0), expected, jnp.asarray([False, True, False]), 3
+        state, costs((1.5, 2.0, 3.0), ar=1.0), expected, jnp.asarray([False, True, False]), 3, 3
     )
     assert int(alone) == 3  # 5 / 3 > 1 / 1
+    # A probe (drafted above the unprobed choice) verifies what it drafted.
+    probe = policy.verify_choice(state, costs((1.5, 2.0, 3.0), ar=0.8), expected, active, 2, 0)
+    assert int(probe) == 2
 
 
 def test_draft_choice_drafts_what_pays_and_probes_one_size_up():
@@ -67,22 +72,40 @@ def test_draft_choice_drafts_what_pays_and_probes_one_size_up():
     assert (int(drafted), int(unprobed)) == (1, 0)  # the probe drafts one token
 
 
-def test_update_calibrates_by_the_acceptance_observed_and_backs_off_probes():
+def test_accepted_by_size_reads_each_cuts_acceptance_from_the_verified_tree():
+    n = -2  # NO_TOKEN
+    # Paths in the order chosen: a, a-b, c, a-b-d; the target accepted a, b (candidate 1).
+    tokens = jnp.asarray([[[9, 1, n, n], [9, 1, 2, n], [9, 3, n, n], [9, 1, 2, 4]]], jnp.int32)
+    drafts = Drafts(tokens, jnp.zeros((1, 4)), jnp.zeros((1, 4, 3)))
+    got = policy.accepted_by_size(drafts, jnp.asarray([1]), jnp.asarray([2]), (1, 2, 3, 4), True)
+    assert got.tolist() == [[1, 2, 2, 2]]
+    got = policy.accepted_by_size(drafts, jnp.asarray([3]), jnp.asarray([3]), (1, 2, 3, 4), True)
+    assert got.tolist() == [[1, 2, 2, 3]]  # all of a-b-d: cut to 3 paths, a-b
+    beams = policy.accepted_by_size(drafts, jnp.asarray([0]), jnp.asarray([2]), (3,), False)
+    assert beams.tolist() == [[2]]
+
+
+def test_update_calibrates_each_size_by_what_it_accepted_and_backs_off_probes():
     c = costs((2.0, 2.2, 2.6), draft=(0.2, 0.4, 0.8), ar=1.0)
     state = policy.init_state(c)
     expected = jnp.asarray([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
     active = jnp.asarray([True, True])
-    # The drafter promised 4 a row at size 4 and 1 was accepted: the estimates fall.
-    for _ in range(30):
-        state = policy.update(state, c, expected, active, 3, 3, jnp.asarray([1, 1]), 3)
-    assert float(policy.calibration(state)) == pytest.approx(0.25, abs=0.05)
-    np.testing.assert_allclose(state.est, [0.25, 0.5, 1.0], atol=0.1)
+    # The drafter promised 1, 2 and 4 a row; 0.5, 0.5 and 1 were accepted: the estimates fall.
+    observed = jnp.asarray([[1, 1, 2], [0, 0, 0]])
+    for _ in range(40):
+        state = policy.update(state, c, expected, active, 3, 3, observed, 3)
+    np.testing.assert_allclose(policy.calibration(state), [0.5, 0.25, 0.25], atol=0.05)
+    np.testing.assert_allclose(state.est, [0.5, 0.5, 1.0], atol=0.1)
     assert int(policy.draft_choice(state, c, jnp.float32(2))[1]) == 0  # AR, unprobed
+    # Verifying size 1 shows nothing of sizes 2 and 4.
+    one = policy.update(state, c, expected, active, 3, 1, observed * 0 + 1, 3)
+    assert float(policy.calibration(one)[0]) > float(policy.calibration(state)[0])
+    np.testing.assert_array_equal(policy.calibration(one)[1:], policy.calibration(state)[1:])
     # An AR step changes no estimate; probes that change nothing double the wait.
-    ar_state = policy.update(state, c, expected, active, 0, 0, jnp.asarray([0, 0]), 0)
+    ar_state = policy.update(state, c, expected, active, 0, 0, observed, 0)
     np.testing.assert_array_equal(ar_state.est, state.est)
     assert int(ar_state.backoff) == policy.PROBE_MIN  # the choice moved (3 -> 0)
-    probed = policy.update(ar_state, c, expected * 0.1, active, 1, 0, jnp.asarray([0, 0]), 0)
+    probed = policy.update(ar_state, c, expected * 0.1, active, 1, 1, observed * 0, 0)
     assert int(probed.backoff) == int(probed.wait) == 2 * policy.PROBE_MIN
 
 
