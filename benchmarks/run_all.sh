@@ -61,6 +61,16 @@ run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repea
 run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repeats 2 --batches 1 8 \
   --beams 1x1 1x2 4x2t 4x3t 4x8t/1/2/4 --lookup 4i --max-new-tokens 128 \
   --out "$out/decode-heldout-batch1-batch8.json"
+# The engine's default (one tree, goodput-adaptive sizes, AR steps a choice) against plain
+# decoding, on two held-out sets that share no template or topic with the drafter's training:
+# short open questions, and mixed tasks (given text to summarise or rewrite, code, arithmetic,
+# extraction, multi-turn); greedy at batch 1 4 8 16, sampled at 0.8 at batch 1 and 8.
+for set in heldout-short heldout-mixed; do
+  policy=(--prompts "benchmarks/prompts/$set.jsonl" --num-prompts 16 --beams default
+          --max-new-tokens 96 --repeats 2)
+  run decode "${policy[@]}" --batches 1 4 8 16 --out "$out/decode-policy-$set.json"
+  run decode "${policy[@]}" --batches 1 8 --temperature 0.8 --out "$out/decode-policy-$set-t08.json"
+done
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
