@@ -64,13 +64,14 @@ run decode --prompts pipeline/data/heldout_prompts.jsonl --num-prompts 8 --repea
 # The engine's default (one tree, goodput-adaptive sizes, AR steps a choice) against plain
 # decoding, on two held-out sets that share no template or topic with the drafter's training:
 # short open questions, and mixed tasks (given text to summarise or rewrite, code, arithmetic,
-# extraction, multi-turn); greedy at batch 1 4 8 16, sampled at 0.8 at batch 1 and 8.
-for set in heldout-short heldout-mixed; do
-  policy=(--prompts "benchmarks/prompts/$set.jsonl" --num-prompts 16 --beams default
-          --max-new-tokens 96 --repeats 2)
-  run decode "${policy[@]}" --batches 1 4 8 16 --out "$out/decode-policy-$set.json"
-  run decode "${policy[@]}" --batches 1 8 --temperature 0.8 --out "$out/decode-policy-$set-t08.json"
-done
+# extraction, multi-turn). Greedy at batch 1 4 8 16 and 1 8, sampled at 0.8.
+policy=(--num-prompts 16 --beams default --max-new-tokens 96 --repeats 2)
+run decode --prompts benchmarks/prompts/heldout-short.jsonl "${policy[@]}" --batches 1 4 8 16 \
+  --out "$out/decode-policy-heldout-short.json"
+run decode --prompts benchmarks/prompts/heldout-mixed.jsonl "${policy[@]}" --batches 1 8 \
+  --out "$out/decode-policy-heldout-mixed.json"
+run decode --prompts benchmarks/prompts/heldout-short.jsonl "${policy[@]}" --batches 1 8 \
+  --temperature 0.8 --out "$out/decode-policy-heldout-short-t08.json"
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
