@@ -369,9 +369,8 @@ class Engine:
             from pipeline import tree_costs
 
             fn = self.draft_fns(beam)[1]
-            shorter = getattr(fn, "with_length", None)
             sizes = beam.verify_sizes
-            fns = [shorter(k) if shorter and k != beam.length else fn for k in sizes]
+            fns = spec.draft_fns_by_size(fn, sizes)
             nodes = tuple(1 + k for k in sizes) if beam.tree else (spec.draft_slots(fn) or
                                                                    beam.tree_nodes,)  # fmt: skip
             key = {"model": repr(self.llm_config), "drafter": repr(self.drafter_config),

@@ -353,6 +353,15 @@ def default_costs(draft_fn: DraftFn, length: int) -> StepCosts:
     return StepCosts.for_beam(beam) if beam is not None else StepCosts((length,), (0.0,), (1.0,))
 
 
+def draft_fns_by_size(draft_fn: DraftFn, sizes: tuple[int, ...]) -> list:
+    """One draft function per size in `sizes` (ascending, the last `draft_fn`'s own). A
+    best-first tree of k tokens is the first k of a longer one, so a smaller draft is drafted at
+    its own size (`with_length`); a draft function that cannot shorten drafts in full and is
+    cut."""
+    shorter = getattr(draft_fn, "with_length", None)
+    return [shorter(k) if shorter and k != sizes[-1] else draft_fn for k in sizes]
+
+
 def _padded(drafts: Drafts, like) -> Drafts:
     """[B, W', L'+1] Drafts padded to `like`'s [B, W, L+1] shapes: NO_TOKEN tokens, paths of
     probability 0 (log -inf), so a smaller tree looks like the first part of the largest."""
@@ -399,10 +408,7 @@ def decode(llm_params, draft_params, state: SpecState, *, config: LlamaConfig, d
         raise ValueError(f"StepCosts.sizes {costs.sizes} must be the tree's verify sizes "
                          f"{beam.verify_sizes}")  # fmt: skip
     sizes, tree = costs.sizes, beam is not None and beam.tree
-    # A best-first tree of k tokens is the first k of a longer one, so a smaller draft is drafted
-    # at its own size; a draft function that cannot shorten drafts in full and is cut.
-    shorter = getattr(draft_fn, "with_length", None)
-    fns = [shorter(k) if shorter and k != sizes[-1] else draft_fn for k in sizes]
+    fns = draft_fns_by_size(draft_fn, sizes)
     full_slots = draft_slots(draft_fn)
 
     def step(state: SpecState) -> SpecState:
