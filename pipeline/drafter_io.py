@@ -122,7 +122,13 @@ def target_embeddings(llm_params: dict, config: DrafterConfig, vocab_map=None) -
     as it was trained, and on the CPU a bf16 table made each one-row drafting matmul several
     times slower.
     """
-    to_f32 = lambda table: jnp.asarray(table, jnp.float32)
+    from pipeline import kernels
+
+    def to_f32(table):
+        if isinstance(table, kernels.QuantWeight):  # the head [D, V] in GGUF blocks
+            return jnp.transpose(table.dequantized())
+        return jnp.asarray(table, jnp.float32)
+
     embed = to_f32(llm_params["embed"])
     lm_head = None
     if config.tie_lm_head:

@@ -56,6 +56,7 @@ from pipeline.prompts import PromptItem
 from sharding import make_mesh, replicate, shard_jit
 
 DTYPES = ("float32", "bfloat16")  # what EngineConfig.dtype accepts
+WEIGHTS = ("fp32", "native")  # what EngineConfig.weights accepts
 DRAFT_METHODS = ("beam", "sample")  # what EngineConfig.draft_method accepts
 MATMULS = ("auto", "kernel", "xla")  # what EngineConfig.matmul accepts
 PROMPT_WIDTH_MULTIPLE = 32  # prompts are padded to a multiple of this: few distinct compilations
@@ -105,6 +106,11 @@ class EngineConfig:
     # memory and keeps greedy decoding exact: activations enter each bf16 matmul as two bf16
     # parts (`pipeline.llm._split`), so products keep about fp32 accuracy (README, Benchmarks).
     dtype: str = "float32"
+    # How a GGUF target's quantized matrices are held: "native" keeps the Q4_0, Q4_1 and Q8_0
+    # ones in their blocks (`kernels.QuantWeight`: SmolLM2's weights in 112 MB against 538) and
+    # multiplies them through the kernel, which expands each weight to the fp32 value "fp32"
+    # dequantizes at load, so the two compute the same products, bit for bit.
+    weights: str = "fp32"
     # Hold the target's output table a second time, transposed (`llm.with_transposed_head`), for
     # the few-row logits of a verify step: on the CPU that product is faster from a `[D, V]` table
     # (5 rows of SmolLM2's head: 5.4 against 7.1 ms), at the cost of a second copy of the table.
@@ -151,6 +157,13 @@ class EngineConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"EngineConfig.weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.weights == "native" and self.dtype != "float32":
+            raise ValueError(
+                f"EngineConfig.weights 'native' expands the blocks to fp32; dtype must be "
+                f"float32, got {self.dtype!r}"
+            )
         if self.matmul not in MATMULS:
             raise ValueError(f"EngineConfig.matmul must be one of {MATMULS}, got {self.matmul!r}")
         if self.draft_head_dtype not in ("float32", "bfloat16"):
@@ -188,6 +201,11 @@ def _matmul_path(config: EngineConfig, params, devices: int) -> str:
     if config.matmul == "kernel":
         raise ValueError(f"EngineConfig.matmul is 'kernel' but {why}")
     return "xla"
+
+
+def _quantized_head(params) -> bool:
+    """Whether the output table is held in GGUF blocks (`EngineConfig.weights` "native")."""
+    return isinstance(params.get("lm_head", params["embed"]), kernels.QuantWeight)
 
 
 def _packed_drafter(params):
@@ -244,7 +262,7 @@ class Engine:
         self.head_one_row_ms: tuple[float, float] | None = None
         if self.matmul == "kernel":
             held = with_packed_weights(held)
-        elif config.transposed_head:
+        elif config.transposed_head and not _quantized_head(held):
             one_row = False
             if config.probe_head_layout:
                 from pipeline import tree_costs
@@ -325,7 +343,8 @@ class Engine:
         path = require_model(config.model)
         if config.drafter is not None:
             require_drafter_folder(config.drafter)  # before the (slow) model load
-        llm_config, llm_params = load_model(path, jnp.dtype(config.dtype))
+        native = config.weights == "native"
+        llm_config, llm_params = load_model(path, jnp.dtype(config.dtype), native)
         tokenizer = (
             Tokenizer.from_gguf(path)
             if path.is_file()
@@ -375,7 +394,7 @@ class Engine:
                                                                    beam.tree_nodes,)  # fmt: skip
             key = {"model": repr(self.llm_config), "drafter": repr(self.drafter_config),
                    "beam": str(beam), "draft": repr(fn), "matmul": self.matmul,
-                   "weights": str(jax.tree.leaves(self.llm_params)[0].dtype),
+                   "weights": f"{self.config.weights}/{self.config.dtype}",
                    "devices": self.mesh.size}  # fmt: skip
             params = self.draft_params_for(local, beam)
             self._costs[local] = tree_costs.step_costs(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from drafter.config import BeamConfig
 from drafter.sampling import SamplingConfig
-from pipeline.engine import DRAFT_METHODS, DTYPES, MATMULS, Engine, EngineConfig
+from pipeline.engine import DRAFT_METHODS, DTYPES, MATMULS, WEIGHTS, Engine, EngineConfig
 
 DEFAULTS = EngineConfig()
 DRAFT_COMMAND_METHODS = ("beam", "sample", "tree")
@@ -45,6 +45,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, kind: str = "generate"
     g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
                    help="target weights (the KV cache stays fp32); bfloat16 halves their memory, "
                         "greedy output stays exactly AR's (README)")  # fmt: skip
+    g.add_argument("--weights", choices=WEIGHTS, default=DEFAULTS.weights,
+                   help="a GGUF target's quantized matrices: native keeps them in their blocks "
+                        "(about 5x less memory) and expands them in the kernel to the values fp32 "
+                        "dequantizes at load: the same output, bit for bit")  # fmt: skip
     g.add_argument("--matmul", choices=MATMULS, default=DEFAULTS.matmul,
                    help="the target's few-row matmuls: the small-M CPU kernel (built with g++ on "
                         "first use), XLA's dot, or auto: the kernel where it applies")  # fmt: skip
@@ -135,6 +139,7 @@ def draft_config_from_args(args: argparse.Namespace) -> EngineConfig:
         batch_size=args.batch_size,
         seed=args.seed,
         dtype=args.dtype,
+        weights=args.weights,
         matmul=args.matmul,
         time_phases=False,
     )
@@ -177,6 +182,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         batch_size=args.batch_size,
         seed=args.seed,
         dtype=args.dtype,
+        weights=args.weights,
         matmul=args.matmul,
     )
 

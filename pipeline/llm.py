@@ -227,8 +227,8 @@ def _split(x, dtype):
 def _dense(x, w):
     """[..., I] fp32, [I, O] -> [..., O] fp32: the activations `_split` to the weight's dtype,
     fp32 accumulation; a `kernels.PackedWeight` goes through `kernels.matmul` (the small-M CPU
-    kernel for few rows)."""
-    if isinstance(w, kernels.PackedWeight):
+    kernel for few rows), and so does a `kernels.QuantWeight` (GGUF blocks, any rows)."""
+    if isinstance(w, (kernels.PackedWeight, kernels.QuantWeight)):
         return kernels.matmul(x, w)
     return jnp.dot(_split(x, w.dtype), w, preferred_element_type=F32).sum(axis=-2)
 
@@ -291,7 +291,7 @@ def decoder_layer(config: LlamaConfig, layer: dict, x, cache_k, cache_v, cos, si
     # Round the new keys/values to the cache dtype now, so attending to them here and later
     # from the cache gives identical results.
     k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-    packed = isinstance(layer["wo"], kernels.PackedWeight)
+    packed = isinstance(layer["wo"], (kernels.PackedWeight, kernels.QuantWeight))
     x = x + _dense(attention(q, k, v, cache_k, cache_v, mask, use_kernel=packed), layer["wo"])
     h = rms_norm(x, layer["mlp_norm"], eps)
     if "w_gate_up" in layer:
@@ -352,12 +352,23 @@ def with_transposed_head(params, one_row: bool = False) -> dict:
 ONE_ROW_HEAD_T = "head_t_one_row"
 
 
+def embed_rows(table, tokens):
+    """The embedding table's rows for `tokens` ([...] ints) as [..., D] fp32: from the [V, D]
+    array, or from the output head's blocks when it is a `kernels.QuantWeight` ([D, V])."""
+    if isinstance(table, kernels.QuantWeight):
+        return table.columns(tokens)
+    return table[tokens].astype(jnp.float32)
+
+
 def lm_logits(params, hidden):
     """[..., D] -> [..., V] fp32, through the untied head if there is one, else the embedding
     (`HEAD_PACKED`, see `with_packed_weights`, for up to `kernels.KERNEL_MAX_ROWS` rows; else its
     `head_t` copy when there is one and `hidden` has 2 to `TRANSPOSED_HEAD_MAX_ROWS` rows,
     or 1 to that many with the `ONE_ROW_HEAD_T` marker)."""
     rows = math.prod(hidden.shape[:-1])
+    table = params.get("lm_head", params["embed"])
+    if isinstance(table, kernels.QuantWeight):  # held as the head, [D, V], in GGUF blocks
+        return kernels.matmul(hidden, table)
     if HEAD_PACKED in params and rows <= kernels.KERNEL_MAX_ROWS:
         return kernels.matmul(hidden, params[HEAD_PACKED], rows)
     fewest = 1 if ONE_ROW_HEAD_T in params else 2
@@ -366,7 +377,6 @@ def lm_logits(params, hidden):
         parts = _split(hidden, table_t.dtype)
         out = jnp.einsum("...pd,dv->...pv", parts, table_t, preferred_element_type=F32)
         return out.sum(axis=-2)
-    table = params.get("lm_head", params["embed"])
     parts = _split(hidden, table.dtype)
     return jnp.einsum("...pd,vd->...pv", parts, table, preferred_element_type=F32).sum(axis=-2)
 
@@ -393,7 +403,14 @@ def with_packed_weights(params, keep_plain: bool = True) -> dict:
             raise ValueError(f"with_packed_weights: fp32 weights only, {name} is {w.dtype}")
 
     def packed(layer, *names):
-        w = jnp.concatenate([layer[n] for n in names], 1)
+        ws = [layer[n] for n in names]
+        if (
+            all(isinstance(w, kernels.QuantWeight) for w in ws)
+            and len({(w.bits, w.offset is None) for w in ws}) == 1
+        ):
+            return ws[0] if len(ws) == 1 else kernels.concat_quant(ws)
+        ws = [w.dequantized() if isinstance(w, kernels.QuantWeight) else w for w in ws]
+        w = jnp.concatenate(ws, 1)
         return kernels.PackedWeight(kernels.pack(w), w if keep_plain else None)
 
     def pack_layer(layer):
@@ -407,7 +424,8 @@ def with_packed_weights(params, keep_plain: bool = True) -> dict:
 
     out = {k: v for k, v in params.items() if k not in ("head_t", ONE_ROW_HEAD_T)}
     out["layers"] = tuple(pack_layer(layer) for layer in layers)
-    out[HEAD_PACKED] = kernels.PackedWeight(kernels.pack(jnp.transpose(table)))
+    if not isinstance(table, kernels.QuantWeight):  # else `lm_logits` reads its blocks
+        out[HEAD_PACKED] = kernels.PackedWeight(kernels.pack(jnp.transpose(table)))
     return out
 
 
@@ -419,7 +437,7 @@ def forward_hidden(params, config: LlamaConfig, tokens, positions, cache: KVCach
     plain slice, whereas vmapping the whole model over the cache's axis 1 transposes (copies) the
     entire cache on every call.
     """
-    x = params["embed"][tokens].astype(jnp.float32)
+    x = embed_rows(params["embed"], tokens)
     rope = jax.vmap(rope_tables, in_axes=(0, None, None))
     cos, sin = rope(positions, config.head_dim, config.rope_theta)
     block = jax.vmap(decoder_layer, in_axes=(None, None, 0, 0, 0, 0, 0, 0))
@@ -456,7 +474,7 @@ def _check_shapes(params, config, tokens, positions, cache, mask):
     b, t = tokens.shape
     s = cache.num_slots
     layers = params["layers"]
-    n = len(layers) if isinstance(layers, (list, tuple)) else layers["wq"].shape[0]
+    n = len(layers) if isinstance(layers, (list, tuple)) else layers["attn_norm"].shape[0]
     if n != config.num_layers:
         raise ValueError(f"forward: params have {n} layers, config.num_layers={config.num_layers}")
     if positions.shape != (b, t):

@@ -1,6 +1,7 @@
 """Loading Llama-architecture weights into the params layout of `pipeline/llm.py`.
 
-Two sources: a GGUF file (llama.cpp; tensors dequantized to fp32 with `gguf`) and a Hugging Face
+Two sources: a GGUF file (llama.cpp; tensors dequantized to fp32 with `gguf`, or with `native`
+the Q4_0, Q4_1 and Q8_0 matrices kept in their blocks as `kernels.QuantWeight`) and a Hugging Face
 folder (`config.json` + `*.safetensors`, read with the safetensors numpy API, no torch). Both give
 `(LlamaConfig, params)` with layers stacked on a leading `N` axis and every weight matrix stored
 `[in, out]` (so `x @ w`); the embedding, and `lm_head` when untied, stay `[V, D]`.
@@ -28,6 +29,7 @@ from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from pipeline import kernels
 from pipeline.gguf_file import ModelFileError, bos_token_id, eos_token_ids, field, open_gguf
 from pipeline.llm import LlamaConfig
 
@@ -106,9 +108,17 @@ def _assemble(
     layers = {}
     for key, shape in _layer_shapes(config).items():
         stack = [fix_layer(key, fetch(layer_name(i, key), shape)) for i in range(config.num_layers)]
-        # Matrices are stored [out, in]; the model multiplies x @ w with w [in, out].
-        layers[key] = np.stack([w.T if w.ndim == 2 else w for w in stack])
+        if isinstance(stack[0], RowQuant):
+            layers[key] = RowQuant.stack(stack).packed()
+        else:
+            # Matrices are stored [out, in]; the model multiplies x @ w with w [in, out].
+            layers[key] = np.stack([w.T if w.ndim == 2 else w for w in stack])
     params["layers"] = layers
+    for key in ("embed", "lm_head"):
+        if isinstance(params.get(key), RowQuant):
+            # [V, D] rows in blocks along D: the head's [D, V] panels, which also give the
+            # embedding's rows (`QuantWeight.columns`).
+            params[key] = params[key].packed()
     bar.close()
     return _to_jax(params, dtype)
 
@@ -116,16 +126,62 @@ def _assemble(
 def _to_jax(tree, dtype):
     if isinstance(tree, dict):
         return {k: _to_jax(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, kernels.QuantWeight):
+        return tree
     return jnp.asarray(tree, dtype=dtype)
 
 
+# GGUF block formats `load_gguf(native=True)` keeps as they are (`kernels.QuantWeight`).
+NATIVE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+
+
+class RowQuant:
+    """A GGUF matrix's blocks in its own row layout ([..., out, in]): values (uint8 0..15 for the
+    4-bit formats, int8 for Q8_0), scale and offset (None for Q8_0) [..., out, in/32] fp32. Rows
+    can be permuted (`unpermute_rope`) and stacked before `packed` lays them out for the kernel."""
+
+    def __init__(self, values, scale, offset):
+        self.values, self.scale, self.offset = values, scale, offset
+
+    @classmethod
+    def from_tensor(cls, data: np.ndarray, qtype, shape: tuple[int, int]) -> RowQuant:
+        out, inp = shape
+        blocks = np.asarray(data).reshape(out, inp // kernels.QK, -1)
+        half = lambda a: np.ascontiguousarray(a).view(np.float16)[..., 0].astype(np.float32)
+        scale = half(blocks[..., 0:2])
+        if qtype == GGMLQuantizationType.Q8_0:
+            return cls(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(out, inp),
+                       scale, None)  # fmt: skip
+        nibbles = blocks[..., -(kernels.QK // 2) :]  # byte j: weight j low, j + 16 high
+        values = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(out, inp)
+        # Q4_0's (q - 8) * d is q * d - 8 * d exactly: both products are exact in fp32.
+        offset = half(blocks[..., 2:4]) if qtype == GGMLQuantizationType.Q4_1 else -8 * scale
+        return cls(values, scale, offset)
+
+    def permute(self, fn) -> RowQuant:
+        offset = None if self.offset is None else fn(self.offset)
+        return RowQuant(fn(self.values), fn(self.scale), offset)
+
+    @classmethod
+    def stack(cls, items) -> RowQuant:
+        offset = None if items[0].offset is None else np.stack([i.offset for i in items])
+        return cls(np.stack([i.values for i in items]), np.stack([i.scale for i in items]), offset)
+
+    def packed(self) -> kernels.QuantWeight:
+        return kernels.pack_quant(self.values, self.scale, self.offset)
+
+
 def _check_shape(path, name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if tuple(array.shape) != tuple(shape):
+    _check_dims(path, name, tuple(array.shape), shape)
+    return array
+
+
+def _check_dims(path, name: str, dims: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if tuple(dims) != tuple(shape):
         raise ModelFileError(
-            f"{path}: tensor {name!r} has shape {tuple(array.shape)}, but the config implies "
+            f"{path}: tensor {name!r} has shape {tuple(dims)}, but the config implies "
             f"{tuple(shape)}"
         )
-    return array
 
 
 # ---------------------------------------------------------------- GGUF
@@ -175,16 +231,30 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
-    """A llama-architecture GGUF file -> (LlamaConfig, params), dequantized, cast to `dtype`."""
+def load_gguf(
+    path: str | os.PathLike, dtype=jnp.float32, native: bool = False
+) -> tuple[LlamaConfig, dict]:
+    """A llama-architecture GGUF file -> (LlamaConfig, params), dequantized, cast to `dtype`.
+    `native`: the matrices stored as Q4_0, Q4_1 or Q8_0 (with dimensions the kernel's panels
+    fit) stay in their blocks, as `kernels.QuantWeight`s of the same fp32 values; the embedding
+    (and an untied `lm_head`) is then held as the output head, [D, V]."""
     reader = open_gguf(path)
     config = gguf_config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
 
-    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray | RowQuant:
         tensor = tensors.get(name)
         if tensor is None:
             raise ModelFileError(f"{path}: missing tensor {name!r}")
+        qtype = GGMLQuantizationType(tensor.tensor_type)
+        if (native and qtype in NATIVE_TYPES and len(shape) == 2
+                and shape[0] % kernels.PANEL == 0 and shape[1] % kernels.QK == 0):  # fmt: skip
+            _check_dims(path, name, tuple(int(d) for d in reversed(tensor.shape)), shape)
+            quant = RowQuant.from_tensor(tensor.data, qtype, shape)
+            finite = [np.isfinite(a).all() for a in (quant.scale, quant.offset) if a is not None]
+            if not all(finite):
+                raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
+            return quant
         try:
             array = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
         except (NotImplementedError, ValueError) as err:
@@ -194,12 +264,13 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, 
             raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
         return array
 
-    def fix(key: str, w: np.ndarray) -> np.ndarray:
-        if key == "wq":
-            return unpermute_rope(w, config.num_heads)
-        if key == "wk":
-            return unpermute_rope(w, config.num_kv_heads)
-        return w
+    def fix(key: str, w):
+        heads = {"wq": config.num_heads, "wk": config.num_kv_heads}.get(key)
+        if heads is None:
+            return w
+        if isinstance(w, RowQuant):
+            return w.permute(lambda a: unpermute_rope(a, heads))
+        return unpermute_rope(w, heads)
 
     names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
     names["lm_head"] = "output.weight"
@@ -317,9 +388,12 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, 
     return config, _assemble(config, fetch, names, layer_name, lambda k, w: w, dtype)
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
-    """A `.gguf` file or a Hugging Face folder, by what `path` is."""
+def load_model(
+    path: str | os.PathLike, dtype=jnp.float32, native: bool = False
+) -> tuple[LlamaConfig, dict]:
+    """A `.gguf` file or a Hugging Face folder, by what `path` is; `native`: see `load_gguf` (a
+    Hugging Face folder's tensors are not block-quantized, so it changes nothing there)."""
     path = Path(path)
     if path.is_dir():
         return load_hf(path, dtype)
-    return load_gguf(path, dtype)
+    return load_gguf(path, dtype, native)

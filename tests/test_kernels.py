@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,7 @@ from pipeline.llm import (
 )
 from pipeline.llm import init_params as init_llm
 from pipeline.prompts import PromptItem
+from pipeline.weights import RowQuant
 
 GREEDY = SamplingConfig()
 
@@ -147,6 +149,58 @@ def test_matmul_dispatches_by_rows():
     np.testing.assert_allclose(kernels.matmul(x[:4], both), kernels.matmul(x, both)[:4],
                                atol=1e-4)  # fmt: skip
     np.testing.assert_allclose(kernels.matmul(x, w), kernels.matmul(x, both), atol=1e-4)
+
+
+QTYPES = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
+          gguf.GGMLQuantizationType.Q8_0]  # fmt: skip
+
+
+def quantized(w, qtype):
+    """[K, N] fp32 -> (its `QuantWeight` in `qtype`'s blocks, gguf's fp32 dequantization [K, N])."""
+    rows = np.ascontiguousarray(np.asarray(w, np.float32).T)  # GGUF's [out, in] rows
+    blocks = gguf.quants.quantize(rows, qtype)
+    weight = RowQuant.from_tensor(blocks, qtype, rows.shape).packed()
+    return weight, gguf.quants.dequantize(blocks, qtype).T
+
+
+# (rows, K, N): one row (expanded in registers), a few and many rows (expanded once per chunk of
+# k, with partial sums between chunks: K = 160 is not a whole chunk), SmolLM2's widths.
+QUANT_SHAPES = [(1, 64, 32), (2, 160, 64), (3, 576, 192), (9, 1536, 96), (40, 96, 128)]
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m,k,n", QUANT_SHAPES)
+@pytest.mark.usefixtures("needs_kernel")
+def test_quantized_weights_give_the_fp32_kernels_bits(qtype, m, k, n):
+    """A `QuantWeight` is the fp32 kernel on gguf's dequantized weights, bit for bit (the same
+    fused multiply-adds in the same order), and close to a float64 product; a row's bits do not
+    depend on the rows beside it; `dequantized` and `columns` give gguf's values exactly."""
+    rng = np.random.default_rng(m * k + n)
+    weight, dense = quantized(rng.standard_normal((k, n)) * 0.1, qtype)
+    assert weight.bits == (8 if qtype == gguf.GGMLQuantizationType.Q8_0 else 4)
+    assert weight.shape == (k, n) and weight.nbytes < dense.nbytes / 3
+    np.testing.assert_array_equal(np.asarray(weight.dequantized()), dense)
+    ids = np.array([0, n - 1, n // 2 + 1, 17 % n])
+    np.testing.assert_array_equal(np.asarray(weight.columns(jnp.asarray(ids))), dense[:, ids].T)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    got = np.asarray(jax.jit(kernels.kernel_quant_matmul)(x, weight))
+    np.testing.assert_array_equal(got, np.asarray(kernels.kernel_matmul(x, kernels.pack(dense))))
+    want = x.astype(np.float64) @ dense.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(kernels.matmul(x[-1:], weight)), got[-1:])
+    # Under vmap the weight is shared (it arrives with a leading dim of 1).
+    vmapped = jax.vmap(kernels.kernel_quant_matmul, in_axes=(0, None))(x[:, None], weight)
+    np.testing.assert_array_equal(np.asarray(vmapped)[:, 0], got)
+
+
+def test_quant_weights_bad_input_is_named():
+    with pytest.raises(ValueError, match="need N a multiple of 32"):
+        kernels.pack_quant(np.zeros((40, 64), np.int8), np.zeros((40, 2), np.float32))
+    with pytest.raises(ValueError, match="4-bit values must be uint8 in 0..15"):
+        kernels.pack_quant(np.full((32, 32), 16, np.uint8), np.zeros((32, 1)), np.zeros((32, 1)))
+    weight, _ = quantized(np.zeros((64, 32)), gguf.GGMLQuantizationType.Q8_0)
+    with pytest.raises(ValueError, match="x has 10 features, the weight 64"):
+        kernels.kernel_quant_matmul(jnp.zeros((2, 10)), weight)
 
 
 def _attention_inputs(rng, b, t, hq, hkv, hd, s, visible=0.7):
@@ -295,6 +349,58 @@ def test_the_engine_uses_the_kernel_on_one_cpu_device_and_stays_exact():
     xla = _engine("xla")
     assert xla.matmul == "xla" and "head_t" in xla.llm_params
     assert [r["token_ids"] for r in xla.generate(ITEMS)] == [r["token_ids"] for r in results]
+
+
+def native_params(params, layer_type=gguf.GGMLQuantizationType.Q4_1):
+    """`params` ([in, out] layers stacked) quantized as a GGUF would hold them: the layer
+    matrices in `layer_type`, the embedding in Q8_0, as `EngineConfig(weights="native")` holds
+    them; and the fp32 params of the same values (what `weights="fp32"` loads)."""
+    native = {k: v for k, v in params.items() if k != "layers"}
+    dense = dict(native)
+    native["layers"], dense["layers"] = dict(params["layers"]), dict(params["layers"])
+
+    def rows(w, qtype):
+        rows = np.ascontiguousarray(np.asarray(w, np.float32))
+        blocks = gguf.quants.quantize(rows, qtype)
+        return (RowQuant.from_tensor(blocks, qtype, rows.shape),
+                gguf.quants.dequantize(blocks, qtype))  # fmt: skip
+
+    for key in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        per_layer = [rows(w.T, layer_type) for w in params["layers"][key]]
+        native["layers"][key] = RowQuant.stack([q for q, _ in per_layer]).packed()
+        dense["layers"][key] = jnp.asarray(np.stack([d.T for _, d in per_layer]))
+    quant, table = rows(params["embed"], gguf.GGMLQuantizationType.Q8_0)
+    native["embed"], dense["embed"] = quant.packed(), jnp.asarray(table)
+    return native, dense
+
+
+@pytest.mark.parametrize("layer_type", QTYPES[:2], ids=lambda t: t.name)
+@pytest.mark.usefixtures("needs_kernel")
+def test_the_engine_on_native_weights_generates_what_their_fp32_values_generate(layer_type):
+    """`weights="native"` (GGUF blocks through the kernel) against the fp32 engine on the same
+    dequantized values: the same tokens, greedy and sampled, AR and speculative, alone and in a
+    batch."""
+    native, dense = native_params(init_llm(CONFIG, jax.random.key(0)), layer_type)
+    sampled = SamplingConfig(temperature=0.8)
+    greedy = None
+    for sampling, beam in ((GREEDY, WIDE), (GREEDY, BeamConfig(3, 4, tree=True)), (sampled, WIDE)):
+        outputs = []
+        for params, speculate in ((dense, False), (native, False), (native, True)):
+            config = EngineConfig(beam=beam, max_new_tokens=12, devices=1, batch_size=3,
+                                  time_phases=False, sampling=sampling, speculate=speculate,
+                                  draft_method="beam")  # fmt: skip
+            eng = Engine.from_params(CONFIG, params, config=config, tokenizer=CharTokenizer())
+            assert eng.matmul == "kernel"
+            outputs.append([r["token_ids"] for r in eng.generate(ITEMS)])
+        assert outputs[1] == outputs[0] and outputs[2] == outputs[0], (sampling, beam)
+        greedy = greedy or outputs[0]
+    held = eng.llm_params
+    assert isinstance(held["embed"], kernels.QuantWeight) and HEAD_PACKED not in held
+    assert isinstance(held["layers"][0]["wqkv"], kernels.QuantWeight)
+    assert held["layers"][0]["wqkv"].shape == (64, 64 + 2 * 32)
+    config = EngineConfig(max_new_tokens=12, devices=1, batch_size=1, time_phases=False)
+    one = Engine.from_params(CONFIG, native, config=config, tokenizer=CharTokenizer())
+    assert [one.generate([item])[0]["token_ids"] for item in ITEMS] == greedy
 
 
 @pytest.mark.usefixtures("needs_kernel")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pipeline import kernels
 from pipeline.gguf_file import ModelFileError
 from pipeline.llm import causal_mask, forward, init_cache
 from pipeline.weights import load_gguf, load_hf, load_model
@@ -104,6 +105,36 @@ def test_quantized_gguf_dequantizes_close_to_the_source(tmp_path):
     wq = tensors["model.layers.0.self_attn.q_proj.weight"].T
     err = np.abs(np.asarray(params["layers"]["wq"][0]) - wq).max()
     assert 0 < err < 0.02 * np.abs(wq).max()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_native_keeps_the_blocks_with_the_values_fp32_loads(tmp_path, qtype):
+    """`load_gguf(native=True)` holds every matrix whose widths fit the kernel's panels in its
+    GGUF blocks (the rest as fp32, here the 16-row k and v), with exactly the values the fp32 load
+    dequantizes, q and k rows unpermuted alike; the embedding as the [D, V] head."""
+    cfg = hf_config(tied=True)
+    qtype = gguf.GGMLQuantizationType[qtype]
+    path = write_gguf(tmp_path / "q.gguf", cfg, gguf_tensors(cfg, random_hf_tensors(cfg)),
+                      qtype=qtype)  # fmt: skip
+    config, fp32 = load_gguf(path)
+    native_config, native = load_model(path, native=True)
+    assert native_config == config
+    d, v, f = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    embed = native["embed"]
+    assert isinstance(embed, kernels.QuantWeight) and embed.shape == (d, v)
+    np.testing.assert_array_equal(np.asarray(embed.dequantized()).T, fp32["embed"])
+    kinds = {}
+    for key, w in native["layers"].items():
+        kinds[key] = type(w).__name__
+        got = w.dequantized() if isinstance(w, kernels.QuantWeight) else w
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(fp32["layers"][key]), key)
+    assert kinds["wq"] == kinds["w_up"] == kinds["w_down"] == "QuantWeight"
+    assert kinds["wk"] == kinds["wv"] == kinds["attn_norm"] == "ArrayImpl"
+    assert native["layers"]["w_up"].shape == (d, f)
+    assert native["layers"]["w_up"].bits == (8 if qtype.name == "Q8_0" else 4)
+    # The stacked forward (the kernel where it is built, else XLA on the expanded blocks).
+    np.testing.assert_allclose(_logits(config, native, TOKENS), _logits(config, fp32, TOKENS),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_dtype_argument_casts_every_leaf(model):

@@ -52,6 +52,9 @@ F32 = jnp.float32
 PANEL = 32  # columns per packed panel: `NR` in small_matmul.cc
 TARGET = "specdraft_small_matmul"
 BF16_TARGET = "specdraft_small_matmul_bf16"  # bf16 weights, fp32 activations and sums
+Q4_TARGET = "specdraft_small_matmul_q4"  # GGUF's 4-bit blocks (Q4_0, Q4_1): `QuantWeight`
+Q8_TARGET = "specdraft_small_matmul_q8"  # GGUF's Q8_0 blocks
+QK = 32  # weights per quantization block, along K
 ATTENTION_TARGET = "specdraft_small_attention"
 SOURCE = Path(__file__).with_name("small_matmul.cc")
 # Rows (the product of x's leading dims) the kernel serves; more go to XLA. Decode steps and
@@ -251,6 +254,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, str(err)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
     jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(lib.SmallMatmulBf16), platform="cpu")
+    jax.ffi.register_ffi_target(Q4_TARGET, jax.ffi.pycapsule(lib.SmallMatmulQ4), platform="cpu")
+    jax.ffi.register_ffi_target(Q8_TARGET, jax.ffi.pycapsule(lib.SmallMatmulQ8), platform="cpu")
     jax.ffi.register_ffi_target(
         ATTENTION_TARGET, jax.ffi.pycapsule(lib.SmallAttention), platform="cpu"
     )
@@ -350,12 +355,130 @@ def xla_matmul(x, packed):
     return out.reshape(x.shape[:-1] + (p * c,))
 
 
-def matmul(x, w: PackedWeight, rows: int | None = None):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantWeight:
+    """A [K, N] weight held in GGUF's quantization blocks (32 weights along K share a scale), in
+    the panels of `pack`: `q` [N/32, K, 16] uint8 for the 4-bit formats (byte c of a panel row
+    holds column c in its low nibble and column c + 16 in its high one) or [N/32, K, 32] int8 for
+    Q8_0; `scale` and `offset` [N/32, K/32, 32] fp32, per column per block. A weight is
+    q * scale + offset (Q4_1; Q4_0 is offset -8 * scale) or q * scale (Q8_0): exactly the fp32
+    weight `gguf` dequantizes, since q * scale is exact in fp32. Leading axes (stacked layers)
+    come before all three. A pytree, like `PackedWeight`; `pack_quant` makes one."""
+
+    q: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None = None
+
+    def __call__(self, x):
+        return matmul(x, self)
+
+    def __getitem__(self, index) -> QuantWeight:
+        """One layer of stacked weights (`pipeline.llm.unstack_layers`)."""
+        pick = lambda a: None if a is None else a[index]
+        return QuantWeight(self.q[index], self.scale[index], pick(self.offset))
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.q.shape[-1] == PANEL // 2 else 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        p, k, _ = self.q.shape[-3:]
+        return k, p * PANEL
+
+    @property
+    def dtype(self):
+        """The dtype of the products (and of the weights it stands for)."""
+        return jnp.dtype(F32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (self.q, self.scale, self.offset) if a is not None)
+
+    def dequantized(self) -> jax.Array:
+        """The [K, N] fp32 weight (leading axes kept)."""
+        q = self.q
+        if self.bits == 4:
+            q = jnp.concatenate([q & 15, q >> 4], axis=-1)
+        block = lambda a: jnp.repeat(a, QK, axis=-2)  # [.., P, K/32, 32] -> [.., P, K, 32]
+        w = q.astype(F32) * block(self.scale)
+        if self.offset is not None:
+            w = w + block(self.offset)
+        return jnp.swapaxes(w, -3, -2).reshape(*w.shape[:-3], w.shape[-2], -1)
+
+    def columns(self, ids) -> jax.Array:
+        """Columns `ids` ([...] ints) as [..., K] fp32: the rows of a tied embedding table held
+        as its output head [D, V] (one copy serves both)."""
+        p, c = ids // PANEL, ids % PANEL
+        scale = jnp.repeat(self.scale[p, :, c], QK, axis=-1)  # [..., K]
+        if self.bits == 4:
+            byte = self.q[p, :, c % (PANEL // 2)]
+            q = jnp.where((c >= PANEL // 2)[..., None], byte >> 4, byte & 15)
+        else:
+            q = self.q[p, :, c]
+        w = q.astype(F32) * scale
+        if self.offset is not None:
+            w = w + jnp.repeat(self.offset[p, :, c], QK, axis=-1)
+        return w
+
+
+def pack_quant(values, scale, offset=None) -> QuantWeight:
+    """A `QuantWeight` from a weight in GGUF's row layout: values [..., N, K] (the 4-bit formats:
+    uint8 0..15 with `offset`; Q8_0: int8 without), scale and offset [..., N, K/32] fp32; the
+    weight is [K, N] (x @ w), the transpose of GGUF's [out, in] rows. numpy in, jax out."""
+    values, scale = np.asarray(values), np.asarray(scale, np.float32)
+    *lead, n, k = values.shape
+    if n % PANEL or k % QK or scale.shape != (*lead, n, k // QK):
+        raise ValueError(f"pack_quant: values {values.shape}, scale {scale.shape}: need N a "
+                         f"multiple of {PANEL}, K of {QK}, and scale [..., N, K/{QK}]")  # fmt: skip
+    panels = lambda a: np.swapaxes(a.reshape(*lead, n // PANEL, PANEL, a.shape[-1]), -1, -2)
+    v = panels(values)  # [..., P, K, 32]
+    if offset is not None:
+        if values.dtype != np.uint8 or values.max(initial=0) > 15:
+            raise ValueError("pack_quant: 4-bit values must be uint8 in 0..15")
+        q = v[..., : PANEL // 2] | (v[..., PANEL // 2 :] << 4)
+        offset = jnp.asarray(panels(np.asarray(offset, np.float32)))
+    elif values.dtype != np.int8:
+        raise ValueError(f"pack_quant: 8-bit values must be int8, got {values.dtype}")
+    else:
+        q = v
+    return QuantWeight(jnp.asarray(np.ascontiguousarray(q)), jnp.asarray(panels(scale)), offset)
+
+
+def concat_quant(weights) -> QuantWeight:
+    """Weights of one format side by side along N ([K, N1] | [K, N2] -> [K, N1 + N2])."""
+    cat = lambda *a: jnp.concatenate(a, axis=-3)
+    return jax.tree.map(cat, *weights)
+
+
+def kernel_quant_matmul(x, w: QuantWeight):
+    """[..., K] fp32 @ `w` -> [..., N] fp32 through the FFI kernel (it must be `available()`):
+    the fp32 kernel's result on `w.dequantized()`, bit for bit, reading the blocks as stored."""
+    k, n = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"kernel_quant_matmul: x has {x.shape[-1]} features, the weight {k}")
+    if not available():
+        raise RuntimeError(f"small_matmul kernel unavailable: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), F32)
+    if w.bits == 4:
+        call = jax.ffi.ffi_call(Q4_TARGET, out, vmap_method="expand_dims")
+        return call(x.astype(F32), w.q, w.scale, w.offset)
+    call = jax.ffi.ffi_call(Q8_TARGET, out, vmap_method="expand_dims")
+    return call(x.astype(F32), w.q, w.scale)
+
+
+def matmul(x, w: PackedWeight | QuantWeight, rows: int | None = None):
     """[..., K] fp32 @ `w` -> [..., N] fp32: the kernel for up to `KERNEL_MAX_ROWS` rows (`rows`,
     the rows of one call; default the product of x's leading dims), and for more too unless `w`
     holds its `plain` copy, which XLA's dot then multiplies (a prompt's prefill: 156 against 182
     ms for 64 rows of SmolLM2, 324 against 384 for 160, 2-core Xeon; XLA's dot on the packed
-    layout took 293 and 470). Without the kernel, XLA on the packed layout."""
+    layout took 293 and 470). A `QuantWeight` goes through the kernel for any number of rows.
+    Without the kernel, XLA on the packed layout (a `QuantWeight` expanded first)."""
+    if isinstance(w, QuantWeight):
+        if available():
+            return kernel_quant_matmul(x, w)
+        return jnp.dot(x.astype(F32), w.dequantized(), preferred_element_type=F32)
     if rows is None:
         rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     if rows > KERNEL_MAX_ROWS and w.plain is not None:

@@ -21,10 +21,17 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <utility>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -36,15 +43,21 @@ constexpr int64_t NR = 32;  // columns per packed panel
 // SmolLM2's 113 MB head waiting on memory (8.2 ms; 3.8-4.6 ms with this, 5.3-5.9 ms prefetching
 // 32 steps ahead into L1; 2-core Xeon, ad-hoc harness).
 
+// QMR: rows whose quantized products expand the weights in registers (`qtile`); a tile holds
+// the rows' sums and the block's scales and offsets, so it is smaller than MR. AVX2's 16 registers
+// spilled at 2 and 3 rows (SmolLM2's 113 MB head, 3 rows: 3.5 ms, against 1.2 ms for one).
 #if defined(__AVX512F__)
 constexpr int VW = 16;
 constexpr int MR = 12;
+constexpr int QMR = 2;
 #elif defined(__AVX2__) || defined(__AVX__)
 constexpr int VW = 8;
 constexpr int MR = 3;
+constexpr int QMR = 1;
 #else
 constexpr int VW = 4;
 constexpr int MR = 2;
+constexpr int QMR = 1;
 #endif
 constexpr int NV = NR / VW;  // vectors per panel row
 
@@ -213,6 +226,291 @@ ffi::Error SmallMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Quantized weights, read in GGUF's blocks and expanded in registers: out = x @ w for the 4-bit
+// formats (Q4_0, Q4_1: `SmallMatmulQ4`) and Q8_0 (`SmallMatmulQ8`), fp32 activations and sums.
+//
+// Layout (`pipeline.kernels.QuantWeight`): the same panels of NR columns as above. q is
+// [P, K, 16] bytes for 4 bits (byte c of panel row k holds column c in its low nibble and column
+// c + 16 in its high one) or [P, K, 32] int8 for 8 bits; scale and offset are [P, K / 32, NR]
+// fp32, one per column per block of QK rows of k (GGUF's block of 32 along a weight's input).
+//
+// A weight is q * scale + offset (4 bits; Q4_0's offset is -8 * scale) or q * scale (8 bits).
+// q * scale is exact in fp32 (a scale read from fp16 has 11 significant bits, q at most 8), so the
+// one rounding of the sum, fused or not, gives the fp32 weight gguf's dequantization gives, and
+// the products below run the fp32 kernel's fused multiply-adds in its order: a quantized weight's
+// result is bit-for-bit the fp32 kernel's on its dequantized copy, for any number of rows.
+
+constexpr int64_t QK = 32;  // k per quantization block
+
+typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
+
+// VW bytes widened to VW int32 lanes, zero- or sign-extended. GCC 12 builds
+// __builtin_convertvector from bytes one lane at a time (a load and an insert each), several
+// times slower than the one widening load x86 has.
+template <bool SIGNED>
+inline ivec widen(const void* p) {
+  ivec out;
+#if defined(__AVX512F__)
+  __m512i v = SIGNED ? _mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)))
+                     : _mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  std::memcpy(&out, &v, sizeof(ivec));
+#elif defined(__AVX2__)
+  __m256i v = SIGNED ? _mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)))
+                     : _mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
+  std::memcpy(&out, &v, sizeof(ivec));
+#else
+  typedef std::conditional_t<SIGNED, int8_t, uint8_t> byte;
+  typedef byte bvec __attribute__((vector_size(VW)));
+  bvec b;
+  std::memcpy(&b, p, sizeof(bvec));
+  out = __builtin_convertvector(b, ivec);
+#endif
+  return out;
+}
+
+// 4-bit weights with a scale and an offset per block.
+struct Q4 {
+  static constexpr int64_t QB = 16;  // bytes per panel row
+  const uint8_t* q;
+  const float* scale;
+  const float* offset;
+  int64_t K;
+
+  const uint8_t* row_ptr(int64_t p, int64_t k) const { return q + (p * K + k) * QB; }
+  const float* block_ptr(const float* a, int64_t p, int64_t b) const {
+    return a + (p * (K / QK) + b) * NR;
+  }
+  void block(int64_t p, int64_t b, vec* d, vec* m) const {
+    const float* s = block_ptr(scale, p, b);
+    const float* o = block_ptr(offset, p, b);
+    for (int v = 0; v < NV; ++v) d[v] = load(s + v * VW), m[v] = load(o + v * VW);
+  }
+  void prefetch_block(int64_t p, int64_t b) const {
+    for (int l = 0; l < NR; l += 16) {
+      __builtin_prefetch(block_ptr(scale, p, b) + l, 0, 2);
+      __builtin_prefetch(block_ptr(offset, p, b) + l, 0, 2);
+    }
+  }
+  void row(int64_t p, int64_t k, const vec* d, const vec* m, vec* w) const {
+    const uint8_t* r = row_ptr(p, k);
+    for (int v = 0; v < NV; ++v) {
+      ivec i = widen<false>(r + (v * VW) % QB);
+      i = v * VW >= QB ? i >> 4 : i & 15;
+      w[v] = __builtin_convertvector(i, vec) * d[v] + m[v];
+    }
+  }
+};
+
+// 8-bit weights (int8) with a scale per block.
+struct Q8 {
+  static constexpr int64_t QB = 32;
+  const int8_t* q;
+  const float* scale;
+  int64_t K;
+
+  const int8_t* row_ptr(int64_t p, int64_t k) const { return q + (p * K + k) * QB; }
+  const float* block_ptr(int64_t p, int64_t b) const { return scale + (p * (K / QK) + b) * NR; }
+  void block(int64_t p, int64_t b, vec* d, vec*) const {
+    for (int v = 0; v < NV; ++v) d[v] = load(block_ptr(p, b) + v * VW);
+  }
+  void prefetch_block(int64_t p, int64_t b) const {
+    for (int l = 0; l < NR; l += 16) __builtin_prefetch(block_ptr(p, b) + l, 0, 2);
+  }
+  void row(int64_t p, int64_t k, const vec* d, const vec*, vec* w) const {
+    const int8_t* r = row_ptr(p, k);
+    for (int v = 0; v < NV; ++v) {
+      w[v] = __builtin_convertvector(widen<true>(r + v * VW), vec) * d[v];
+    }
+  }
+};
+
+// R rows (x, stride K) times panel p, expanded in registers, into out (stride N). The next panel's
+// bytes are prefetched as this one's are read (as `tile` does).
+template <int R, class S>
+void qtile(const float* __restrict x, const S& s, int64_t p, float* __restrict out, int64_t N) {
+  const int64_t K = s.K;
+  constexpr int64_t ROWS_PER_LINE = 64 / S::QB;
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+  for (int64_t b = 0; b < K / QK; ++b) {
+    vec d[NV], m[NV];
+    s.block(p, b, d, m);
+    s.prefetch_block(p + 1, b);
+    for (int64_t k = b * QK; k < (b + 1) * QK; ++k) {
+      if (k % ROWS_PER_LINE == 0) __builtin_prefetch(s.row_ptr(p + 1, k), 0, 2);
+      vec w[NV];
+      s.row(p, k, d, m, w);
+      for (int r = 0; r < R; ++r) {
+        vec bv = vec{} + x[r * K + k];
+        for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + bv * w[v];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * N + v * VW, acc[r][v]);
+}
+
+template <int R, class S>
+void qtile_dispatch(int rows, const float* x, const S& s, int64_t p, float* out, int64_t N) {
+  if constexpr (R > 0) {
+    if (rows == R) return qtile<R>(x, s, p, out, N);
+    return qtile_dispatch<R - 1>(rows, x, s, p, out, N);
+  }
+}
+
+// R rows (x, stride ldx) times kc expanded panel rows (w, NR floats each) added to out (stride
+// N), or written to it when `first`: the same fused multiply-adds in the same order as `tile`,
+// split over chunks of k with the partial sums kept in out between them.
+template <int R>
+void chunk_tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t kc,
+                float* __restrict out, int64_t N, bool first) {
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? vec{} : load(out + r * N + v * VW);
+  for (int64_t k = 0; k < kc; ++k) {
+    vec wr[NV];
+    load_row(w + k * NR, wr);
+    for (int r = 0; r < R; ++r) {
+      vec bv = vec{} + x[r * ldx + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + bv * wr[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * N + v * VW, acc[r][v]);
+}
+
+template <int R>
+void chunk_dispatch(int rows, const float* x, int64_t ldx, const float* w, int64_t kc, float* out,
+                    int64_t N, bool first) {
+  if constexpr (R > 0) {
+    if (rows == R) return chunk_tile<R>(x, ldx, w, kc, out, N, first);
+    return chunk_dispatch<R - 1>(rows, x, ldx, w, kc, out, N, first);
+  }
+}
+
+// Panel p for M rows: one register tile expands the weights in registers; more rows expand a
+// chunk of KC panel rows once into an L1-sized buffer that every row tile then reads.
+template <class S>
+void qpanel(const float* x, int64_t M, const S& s, int64_t p, float* out, int64_t N) {
+  if (M <= QMR) return qtile_dispatch<QMR>(static_cast<int>(M), x, s, p, out, N);
+  constexpr int64_t KC = 4 * QK;
+  alignas(64) float buf[KC * NR];
+  const int64_t K = s.K;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    for (int64_t b = k0 / QK; b < (k0 + kc) / QK; ++b) {
+      vec d[NV], m[NV];
+      s.block(p, b, d, m);
+      for (int64_t k = b * QK; k < (b + 1) * QK; ++k) {
+        vec w[NV];
+        s.row(p, k, d, m, w);
+        for (int v = 0; v < NV; ++v) store(buf + (k - k0) * NR + v * VW, w[v]);
+      }
+    }
+    for (int64_t r = 0; r < M; r += MR) {
+      int rows = static_cast<int>(std::min<int64_t>(MR, M - r));
+      chunk_dispatch<MR>(rows, x + r * K + k0, K, buf, kc, out + r * N, N, k0 == 0);
+    }
+  }
+}
+
+template <class S>
+struct QWork {
+  const float* x;
+  S s;
+  float* out;
+  int64_t M, N, num_panels, chunk;
+  Claims chunks;
+
+  void run() {
+    chunks.run([this](int64_t c) {
+      int64_t p0 = c * chunk, p1 = std::min(num_panels, p0 + chunk);
+      for (int64_t p = p0; p < p1; ++p) qpanel(x, M, s, p, out + p * NR, N);
+    });
+  }
+};
+
+// Checks q [P, K, QB] and each of `blocks` [P, K / QK, NR] against x's K, and sets M and P.
+// The last three dims of `d`, and whether those before them multiply to 1 (under vmap, a weight
+// shared by all rows arrives with leading dims of size 1).
+template <typename Dims>
+bool last3(const Dims& d, int64_t out[3]) {
+  if (d.size() < 3) return false;
+  int64_t lead = 1;
+  for (size_t i = 0; i + 3 < d.size(); ++i) lead *= d[i];
+  for (int i = 0; i < 3; ++i) out[i] = d[d.size() - 3 + i];
+  return lead == 1;
+}
+
+template <typename Q>
+ffi::Error quant_shapes(const ffi::Buffer<ffi::F32>& x, const Q& q, int64_t qb,
+                        std::initializer_list<const ffi::Buffer<ffi::F32>*> blocks,
+                        int64_t out_count, int64_t& M, int64_t& P) {
+  auto xd = x.dimensions();
+  int64_t qd[3], ad[3];
+  if (xd.size() < 1 || !last3(q.dimensions(), qd))
+    return ffi::Error::InvalidArgument(
+        "small_matmul_quant: x needs >= 1 dims, q 3 ([P, K, QB]; one weight per call)");
+  const int64_t K = xd.back();
+  P = qd[0];
+  if (qd[1] != K || qd[2] != qb || K % QK != 0)
+    return ffi::Error::InvalidArgument("small_matmul_quant: q must be [P, K, " +
+                                       std::to_string(qb) + "] for x's K, a multiple of 32");
+  for (const auto* a : blocks) {
+    if (!last3(a->dimensions(), ad) || ad[0] != P || ad[1] != K / QK || ad[2] != NR)
+      return ffi::Error::InvalidArgument("small_matmul_quant: scales must be [P, K / 32, 32]");
+  }
+  M = static_cast<int64_t>(x.element_count()) / std::max<int64_t>(K, 1);
+  if (out_count != M * P * NR)
+    return ffi::Error::InvalidArgument("small_matmul_quant: result must be [..., N]");
+  return ffi::Error::Success();
+}
+
+template <class S>
+ffi::Error run_quant(ffi::ThreadPool& pool, const float* x, S s, float* out, int64_t M,
+                     int64_t P) {
+  if (M == 0 || P == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto work = std::make_shared<QWork<S>>();
+  work->x = x;
+  work->s = s;
+  work->out = out;
+  work->M = M;
+  work->N = P * NR;
+  work->num_panels = P;
+  work->chunk = std::max<int64_t>(1, P / (threads * 4));
+  work->chunks.count = (P + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->chunks.count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  work->chunks.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error SmallMatmulQ4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t M = 0, P = 0;
+  ffi::Error error = quant_shapes(x, q, Q4::QB, {&scale, &offset},
+                                  static_cast<int64_t>(out->element_count()), M, P);
+  if (error.failure()) return error;
+  Q4 s{q.typed_data(), scale.typed_data(), offset.typed_data(), x.dimensions().back()};
+  return run_quant(pool, x.typed_data(), s, out->typed_data(), M, P);
+}
+
+ffi::Error SmallMatmulQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  int64_t M = 0, P = 0;
+  ffi::Error error = quant_shapes(x, q, Q8::QB, {&scale},
+                                  static_cast<int64_t>(out->element_count()), M, P);
+  if (error.failure()) return error;
+  Q8 s{q.typed_data(), scale.typed_data(), x.dimensions().back()};
+  return run_quant(pool, x.typed_data(), s, out->typed_data(), M, P);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Few-query attention over a KV cache, one call per layer: out = softmax(q k^T, mask) v for T
 // new tokens (queries pre-scaled) against S cache slots and the T new tokens themselves.
 //
@@ -234,7 +532,6 @@ inline vec vmax(vec a, vec b) { return a > b ? a : b; }
 // exp(x) for x <= 0 (lane-wise, a pure function of each lane): 2^n * p(r), r = x - n ln 2.
 // Below about -87.3 (and for -inf) the result is 0.
 inline vec vexp(vec x) {
-  typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
   const vec lo = splat(-87.33f);
   vec xc = vmax(x, lo);
   vec t = xc * splat(1.44269504088896341f) - splat(0.5f);
@@ -519,6 +816,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmulBf16, SmallMatmulBf16Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmulQ4, SmallMatmulQ4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmulQ8, SmallMatmulQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // The register tile this build uses, for tests and reports: VW * 1000 + MR.
