@@ -126,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved timing rounds, medians reported (default 3)")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="target weights (activations and KV cache stay fp32)")  # fmt: skip
+    parser.add_argument("--weights", nargs="+", choices=("fp32", "native"), default=None,
+                        metavar="KIND",
+                        help="the target's GGUF matrices dequantized to fp32 or held in their "
+                             "blocks (EngineConfig.weights); each kind its own AR and spec cases, "
+                             "all interleaved in one run (default: the engine's)")  # fmt: skip
     parser.add_argument("--matmul", choices=("auto", "kernel", "xla"), default="auto",
                         help="few-row matmuls through the CPU kernel or XLA's dot (AR and spec "
                              "alike; EngineConfig.matmul)")  # fmt: skip
@@ -139,7 +144,7 @@ def log(msg: str) -> None:
     print(f"[bench decode] {msg}", file=sys.stderr, flush=True)
 
 
-def _load(args):
+def _load(args, weights: str = "fp32"):
     import jax.numpy as jnp
 
     from pipeline.drafter_io import DEFAULT_DRAFTER, load_drafter
@@ -149,7 +154,7 @@ def _load(args):
     from pipeline.weights import load_model
 
     path = require_model(args.model)
-    llm_config, llm_params = load_model(path, jnp.dtype(args.dtype))
+    llm_config, llm_params = load_model(path, jnp.dtype(args.dtype), weights == "native")
     tokenizer = Tokenizer.from_gguf(path)
     drafter_path = args.drafter or (DEFAULT_DRAFTER if DEFAULT_DRAFTER.is_dir() else None)
     if drafter_path is None:
@@ -317,6 +322,34 @@ def _row(engine, chunks, beam, batch: int, spec, ar, spec_prefill, ar_prefill) -
     }
 
 
+def _ratio(a, b) -> float:
+    """tokens/s of (seconds per round, outputs) `a` over `b`'s, medians over rounds."""
+    tok_s = lambda r: sum(int(o.lengths.sum()) for o in r[1]) / statistics.median(r[0])
+    return tok_s(a) / tok_s(b)
+
+
+def decode_weight_bytes(params) -> int:
+    """Bytes of weights one decode step reads from held params (`Engine.llm_params`): each layer
+    matrix in the form the step multiplies (a `PackedWeight`'s panels, not its prefill copy; a
+    `QuantWeight`'s blocks), the norms, and the output head once (a table held twice, as the
+    embedding and as the packed head, is read once: the embedding gives only a row per token)."""
+    import jax
+
+    from pipeline import kernels
+    from pipeline.llm import HEAD_PACKED
+
+    def size(w) -> int:
+        if isinstance(w, kernels.PackedWeight):
+            return int(w.packed.nbytes)
+        return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(w))
+
+    head = params.get(HEAD_PACKED, params.get("lm_head", params["embed"]))
+    if "head_t" in params:
+        head = params["head_t"]
+    total = size(head) + size(params["final_norm"])
+    return total + sum(size(w) for layer in params["layers"] for w in layer.values())
+
+
 def run(args: argparse.Namespace) -> dict:
     from drafter.config import BeamConfig
     from drafter.sampling import SamplingConfig
@@ -326,54 +359,74 @@ def run(args: argparse.Namespace) -> dict:
     beams = args.beams or [DEFAULT, BeamConfig(1, 1)]
     sampling = SamplingConfig(temperature=args.temperature)
     items = prompt_items(args.prompts, args.num_prompts)
-    llm_config, llm_params, tokenizer, drafter, drafter_source = _load(args)
+    kinds = args.weights or [EngineConfig().weights]
+    loaded = {kind: _load(args, kind) for kind in kinds}
+    _, _, tokenizer, _, drafter_source = loaded[kinds[0]]
     log(f"drafter: {drafter_source}")
     # Rendered as the engine and the trainer render them, through the model's chat template.
     encoded = encode_prompts(tokenizer, items)
     results = []
     for batch in args.batches:
         chunks = _chunks(encoded, batch)
-        engines = []
         cases = [(beam, lookup, head) for head in args.draft_head_dtype for lookup in args.lookup
                  for beam in beams]  # fmt: skip
         # `default` takes the engine's own lookup: once, whatever --lookup lists.
         cases = [c for i, c in enumerate(cases) if c[0] != DEFAULT or
                  all(d[0] != DEFAULT or d[2] != c[2] for d in cases[:i])]  # fmt: skip
-        for beam, (lookup, in_place), head in cases:
-            shape = ({} if beam == DEFAULT else
-                     {"beam": beam, "adaptive": False, "lookup": lookup,
-                      "lookup_in_place": in_place})  # fmt: skip
-            config = EngineConfig(**shape, sampling=sampling,
-                                  max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                  matmul=args.matmul, devices=args.devices,
-                                  batch_size=batch, draft_head_dtype=head)  # fmt: skip
-            engines.append(
-                Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
-            )
+        engines = {kind: [] for kind in kinds}
+        for kind in kinds:
+            llm_config, llm_params, tokenizer, drafter, drafter_source = loaded[kind]
+            for beam, (lookup, in_place), head in cases:
+                shape = ({} if beam == DEFAULT else
+                         {"beam": beam, "adaptive": False, "lookup": lookup,
+                          "lookup_in_place": in_place})  # fmt: skip
+                config = EngineConfig(**shape, sampling=sampling,
+                                      max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                      weights=kind, matmul=args.matmul, devices=args.devices,
+                                      batch_size=batch, draft_head_dtype=head)  # fmt: skip
+                engines[kind].append(
+                    Engine(config, llm_config, llm_params, *drafter, tokenizer, drafter_source)
+                )
 
         def spec_runner(engine, limit=None):
             return lambda prompts: engine.generate_ids(prompts, list(range(len(prompts))), limit)[0]
 
-        log(f"batch {batch}: compiling AR and {len(cases)} draft shapes")
-        # Whole passes, then the same calls limited to one token (prefill only), all interleaved.
-        runners = [_ar_runner(engines[0], args.max_new_tokens)]
-        runners += [spec_runner(e) for e in engines]
-        runners += [_ar_runner(engines[0], args.max_new_tokens, limit=1)]
-        runners += [spec_runner(e, limit=1) for e in engines]
+        log(f"batch {batch}: compiling AR and {len(cases)} draft shapes, weights {kinds}")
+        # Per weights kind: AR, each case; then the same calls limited to one token (prefill
+        # only). Every runner of every kind is interleaved with the others.
+        runners = []
+        for kind in kinds:
+            runners += [_ar_runner(engines[kind][0], args.max_new_tokens)]
+            runners += [spec_runner(e) for e in engines[kind]]
+            runners += [_ar_runner(engines[kind][0], args.max_new_tokens, limit=1)]
+            runners += [spec_runner(e, limit=1) for e in engines[kind]]
         seconds, outs = _interleaved(runners, chunks, args.repeats)
-        n = len(engines) + 1
-        # A prefill-only pass must not enter the loop: AR's first token is the prefill's.
-        iterations = [int(o.lengths.max()) - 1 for o in outs[n]]
-        iterations += [int(o.calls.max()) for out in outs[n + 1 :] for o in out]
-        if any(iterations):
-            raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
-        ar = (seconds[0], outs[0])
-        for i, engine in enumerate(engines):
-            beam = engine.config.beam
-            spec = (seconds[i + 1], outs[i + 1])
-            row = _row(engine, chunks, beam, batch, spec, ar, seconds[n + i + 1], seconds[n])
-            log(str(row))
-            results.append(row)
+        n = len(cases) + 1
+        first_ar = None
+        for k, kind in enumerate(kinds):
+            base = 2 * n * k
+            # A prefill-only pass must not enter the loop: AR's first token is the prefill's.
+            iterations = [int(o.lengths.max()) - 1 for o in outs[base + n]]
+            iterations += [int(o.calls.max()) for out in outs[base + n + 1 : base + 2 * n]
+                           for o in out]  # fmt: skip
+            if any(iterations):
+                raise RuntimeError(f"a prefill-only pass ran loop iterations: {iterations}")
+            ar = (seconds[base], outs[base])
+            first_ar = first_ar or (kind, ar)
+            for i, engine in enumerate(engines[kind]):
+                beam = engine.config.beam
+                spec = (seconds[base + i + 1], outs[base + i + 1])
+                row = _row(engine, chunks, beam, batch, spec, ar, seconds[base + n + i + 1],
+                           seconds[base + n])  # fmt: skip
+                row["weights"] = kind
+                row["weight_bytes_per_step"] = decode_weight_bytes(engine.llm_params)
+                # Against the first kind's AR in the same rounds (`--weights fp32 native`: how
+                # much faster the native engine is than the fp32 AR baseline).
+                row["baseline_ar"] = first_ar[0]
+                row["speedup_vs_baseline_ar"] = _ratio(spec, first_ar[1])
+                row["ar_speedup_vs_baseline_ar"] = _ratio(ar, first_ar[1])
+                log(str(row))
+                results.append(row)
     return {
         "drafter": drafter_source,
         "prompts_file": args.prompts,
@@ -383,6 +436,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "dtype": args.dtype,
+        "weights": kinds,
         "matmul": args.matmul,
         "repeats": args.repeats,
         "accepted_per_call_counts_bonus_token": True,

@@ -123,17 +123,25 @@ def test_bench_decode_on_a_prompt_file(tmp_path):
     out = tmp_path / "decode.json"
     argv = ["bench", "decode", "--prompts", str(prompts), "--num-prompts", "2", "--batches", "2",
             "--beams", "1x2", "--lookup", "0", "3", "--max-new-tokens", "4", "--repeats", "1",
-            "--out", str(out)]  # fmt: skip
+            "--weights", "fp32", "native", "--out", str(out)]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
     doc = json.loads(out.read_text())
-    assert doc["prompts_file"] == str(prompts)
+    assert doc["prompts_file"] == str(prompts) and doc["weights"] == ["fp32", "native"]
     assert doc["prompts"] == ["Name a planet.", [{"role": "user", "content": "Say hi."}]]
-    cases = [(r["width"], r["length"], r["lookup"]) for r in doc["results"]]
-    assert cases == [(1, 2, 0), (1, 2, 3)]
+    cases = [(r["weights"], r["width"], r["length"], r["lookup"]) for r in doc["results"]]
+    assert cases == [(w, 1, 2, lookup) for w in ("fp32", "native") for lookup in (0, 3)]
     for row in doc["results"]:
         assert row["prompts"] == 2 and row["rows_identical_to_ar"] == 2
+        assert row["baseline_ar"] == "fp32"
+    fp32, native = doc["results"][0], doc["results"][2]
+    assert fp32["ar_speedup_vs_baseline_ar"] == pytest.approx(1.0)
+    assert native["speedup_vs_baseline_ar"] == pytest.approx(
+        native["speedup"] * native["ar_speedup_vs_baseline_ar"], rel=1e-6
+    )
+    # SmolLM2's Q4_1 blocks (and the Q8_0 head) against its fp32 panels.
+    assert 3 * native["weight_bytes_per_step"] < fp32["weight_bytes_per_step"]
 
 
 def test_bench_accept_pools_the_engines_acceptance(tmp_path):
