@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "accept": ("benchmarks.accept", "the engine's tokens per LLM call on held-out prompts"),
     "cluster": ("benchmarks.cluster", "Ray workers: throughput as workers are added"),
     "draft": ("benchmarks.draft", "drafted sequences/s in process and through 1 and 2 Ray workers"),
+    "llama-cpp": ("benchmarks.llama_cpp", "llama.cpp's own benchmarks on the same GGUF"),
 }
 
 

@@ -359,7 +359,9 @@ def run(args: argparse.Namespace) -> dict:
     beams = args.beams or [DEFAULT, BeamConfig(1, 1)]
     sampling = SamplingConfig(temperature=args.temperature)
     items = prompt_items(args.prompts, args.num_prompts)
-    kinds = args.weights or [EngineConfig().weights]
+    kinds = args.weights or [EngineConfig(dtype=args.dtype).weights]
+    if "native" in kinds and args.dtype != "float32":
+        raise ValueError(f"bench decode: --weights native expands to fp32; --dtype is {args.dtype}")
     loaded = {kind: _load(args, kind) for kind in kinds}
     _, _, tokenizer, _, drafter_source = loaded[kinds[0]]
     log(f"drafter: {drafter_source}")

@@ -12,10 +12,13 @@ of a decode step that reads every weight once (the embedding table counts once, 
 head; an untied model's embedding rows are negligible). Also reported: the compute bound of a
 step (`2 * B * matmul params` FLOPs at the fp32 matmul peak) and of prefill.
 
-Weights: the default model (SmolLM2-135M-Instruct, dequantized to fp32) when it has been fetched,
-else (or with `--random`) random weights of its shape; timing does not depend on the values.
-Layers are unstacked once before timing (see `pipeline.llm.unstack_layers`); `decode` would
-split stacked layers itself, before its loop.
+Weights: the default model (SmolLM2-135M-Instruct) when it has been fetched, else (or with
+`--random`) random weights of its shape; timing does not depend on the values. `--weights fp32
+native`: its GGUF matrices dequantized to fp32, and held in their blocks (`EngineConfig.weights`),
+each timed in turn within every repeat, so the two are measured side by side; the bound of each
+counts the bytes its step reads. The params are held as the engine holds them: layers unstacked
+(see `pipeline.llm.unstack_layers`) and, where the small-M kernel is built, packed for it
+(`pipeline.llm.with_packed_weights`).
 """
 
 from __future__ import annotations
@@ -51,12 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="M, tokens generated per row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weight dtype (activations and KV cache stay fp32)")  # fmt: skip
+    parser.add_argument("--weights", nargs="+", choices=("fp32", "native"), default=["fp32"],
+                        metavar="KIND", help="fp32 and/or native (GGUF blocks), side by side "
+                        "(default: fp32)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
     parser.add_argument("--quick", action="store_true", help="one timed run, a smaller probe")
     parser.add_argument("--seed", type=int, default=0, help="random weights and prompts")
 
 
-def _load(args):
+def _load(args, weights: str = "fp32"):
     """(config, params, source) from `--model`, the default model, or random weights."""
     import jax
     import jax.numpy as jnp
@@ -69,8 +75,10 @@ def _load(args):
     path = args.model or (None if args.random else default_model_path())
     if path is not None and (args.model or default_model_path().exists()):
         log(f"llm: loading {path}")
-        config, params = load_model(path, dtype)
+        config, params = load_model(path, dtype, weights == "native")
         return config, params, str(path)
+    if weights == "native":
+        raise ValueError("bench llm: --weights native needs a GGUF model, not --random weights")
     log("llm: random weights of SmolLM2-135M's shape")
     config = LlamaConfig(**SMOLLM2)
     return config, init_params(config, jax.random.key(args.seed), dtype), "random (SmolLM2 shape)"
@@ -121,45 +129,79 @@ def _time_batch(config, params, batch, args, repeats, warmup) -> dict:
     return {"prefill_s": statistics.median(t_pre), "decode_s": statistics.median(t_dec)}
 
 
+def _held(config, params):
+    """The params as the engine holds them for decoding (see the module docstring)."""
+    from pipeline import kernels
+    from pipeline.llm import PACKED_LAYER_KEYS, unstack_layers, with_packed_weights
+
+    params = unstack_layers(params)
+    table = params.get("lm_head", params["embed"])
+    fits = all(
+        params["layers"][0][k].shape[-1] % kernels.PANEL == 0 for k in PACKED_LAYER_KEYS
+    ) and (isinstance(table, kernels.QuantWeight) or table.shape[0] % kernels.PANEL == 0)
+    if fits and kernels.available() and table.dtype == "float32":
+        return with_packed_weights(params), "kernel"
+    return params, "xla"
+
+
 def run(args: argparse.Namespace) -> dict:
     from benchmarks import machine as machine_mod
-    from pipeline.llm import unstack_layers
+    from benchmarks.decode import decode_weight_bytes
 
     if args.new_tokens < 2 or args.prompt_len < 1:
         raise ValueError("bench llm: --new-tokens must be >= 2 and --prompt-len >= 1")
     repeats, warmup = (1, 1) if args.quick else (args.repeats, 1)
     speed: MachineSpeed = machine_mod.measure(quick=args.quick)
-    config, params, source = _load(args)
-    params = unstack_layers(params)
+    kinds = list(dict.fromkeys(args.weights))
+    loaded = {}
+    for kind in kinds:
+        config, params, source = _load(args, kind)
+        flops_per_token = _costs(config, params)["flops_per_token"]
+        held, matmul = _held(config, params)
+        loaded[kind] = (config, held, source, matmul, flops_per_token)
     results = []
     for batch in args.batches:
-        log(f"llm: batch {batch}, prompt {args.prompt_len}, new {args.new_tokens} ...")
-        times = _time_batch(config, params, batch, args, repeats, warmup)
-        cost = _costs(config, params)
-        steps = args.new_tokens - 1
-        step_s = times["decode_s"] / steps
-        bound_s = cost["weight_bytes"] / (speed.gbps * 1e9)
-        flops_step = batch * cost["flops_per_token"]
-        row = {
-            "batch": batch,
-            "prefill_tok_s": round(batch * args.prompt_len / times["prefill_s"], 1),
-            "decode_tok_s": round(batch * steps / times["decode_s"], 2),
-            "decode_bound_tok_s": round(batch / bound_s, 2),
-            "decode_ms_per_step": round(step_s * 1e3, 2),
-            "decode_bound_ms_per_step": round(bound_s * 1e3, 2),
-            "decode_vs_bound": round(step_s / bound_s, 2),
-            "decode_compute_bound_tok_s": round(batch / (flops_step / (speed.gflops * 1e9)), 1),
-            "prefill_compute_bound_tok_s": round(speed.gflops * 1e9 / cost["flops_per_token"], 1),
-        }
-        log(f"llm: {row}")
-        results.append(row)
+        log(f"llm: batch {batch}, prompt {args.prompt_len}, new {args.new_tokens}, {kinds} ...")
+        times = {kind: {"prefill_s": [], "decode_s": []} for kind in kinds}
+        for r in range(repeats):  # every kind in each round: side by side
+            for kind in kinds:
+                config, held = loaded[kind][:2]
+                one = _time_batch(config, held, batch, args, 1, warmup if r == 0 else 0)
+                for key, value in one.items():
+                    times[kind][key].append(value)
+        for kind in kinds:
+            config, held, source, matmul, flops_per_token = loaded[kind]
+            prefill_s = statistics.median(times[kind]["prefill_s"])
+            decode_s = statistics.median(times[kind]["decode_s"])
+            weight_bytes = decode_weight_bytes(held)
+            steps = args.new_tokens - 1
+            step_s = decode_s / steps
+            bound_s = weight_bytes / (speed.gbps * 1e9)
+            flops_step = batch * flops_per_token
+            row = {
+                "batch": batch,
+                "weights": kind,
+                "matmul": matmul,
+                "weight_bytes": weight_bytes,
+                "prefill_tok_s": round(batch * args.prompt_len / prefill_s, 1),
+                "decode_tok_s": round(batch * steps / decode_s, 2),
+                "decode_bound_tok_s": round(batch / bound_s, 2),
+                "decode_ms_per_step": round(step_s * 1e3, 2),
+                "decode_bound_ms_per_step": round(bound_s * 1e3, 2),
+                "decode_vs_bound": round(step_s / bound_s, 2),
+                "decode_compute_bound_tok_s": round(batch / (flops_step / (speed.gflops * 1e9)), 1),
+                "prefill_compute_bound_tok_s": round(speed.gflops * 1e9 / flops_per_token, 1),
+                "decode_seconds": [round(x, 4) for x in times[kind]["decode_s"]],
+            }
+            log(f"llm: {row}")
+            results.append(row)
     return {
         "benchmark": "llm",
-        "model": source,
+        "model": loaded[kinds[0]][2],
         "dtype": args.dtype,
+        "weights": kinds,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "machine": speed.to_json(),
-        "weight_bytes": _costs(config, params)["weight_bytes"],
         "results": results,
     }

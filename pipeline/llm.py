@@ -391,6 +391,9 @@ def with_packed_weights(params, keep_plain: bool = True) -> dict:
     a `kernels.PackedWeight` (q, k and v concatenated as `wqkv`, gate and up as `w_gate_up`)
     and the output table added packed as `HEAD_PACKED` ([D, V], in place of any `head_t` copy),
     so a few-row forward runs its matmuls through the small-M CPU kernel (`pipeline.kernels`).
+    `kernels.QuantWeight`s (`load_gguf(native=True)`) stay in their blocks, concatenated alike
+    where q, k and v (or gate and up) share a format, else expanded to fp32 and packed; a
+    quantized output table is read as it is, so `HEAD_PACKED` is not added.
     Memory: the head a second time (113 MB for SmolLM2), as `head_t`, and with `keep_plain`
     each layer matrix twice, packed and as it was, for prefill, where XLA's dot on the plain
     layout is faster (`kernels.matmul`; 425 MB more for SmolLM2). Call it once, outside jit."""

@@ -117,3 +117,30 @@ def test_bench_draft_writes_json(tmp_path):
             assert r["identical_to_in_process"] == 2  # keys come from the prompt ids
             base = rows[method, "in-process"]["seconds"]
             assert r["ratio"] == pytest.approx(base / r["seconds"], rel=1e-2)
+
+
+def test_the_weights_table_reads_decode_and_llama_cpp_json(tmp_path):
+    import json
+
+    from benchmarks.tables import main
+
+    row = {"policy": "adaptive", "batch": 8, "weights": "native", "weight_bytes_per_step": 112e6,
+           "ar_tok_s": 150.0, "spec_tok_s": 140.0, "speedup_vs_baseline_ar": 1.5,
+           "rows_identical_to_ar": 16, "prompts": 16}  # fmt: skip
+    decode = tmp_path / "d.json"
+    decode.write_text(json.dumps({"prompts_file": "x/heldout-short.jsonl", "results": [row]}))
+    llama = tmp_path / "l.json"
+    llama.write_text(json.dumps({"benchmark": "llama-cpp", "results": [
+        {"tool": "llama-batched-bench", "batch": 8, "tok_s": 165.0},
+        {"tool": "llama-batched-bench", "batch": 1, "tok_s": 99.0},
+        {"tool": "llama-bench", "batch": 1, "tok_s": 110.0}]}))  # fmt: skip
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["weights", str(decode), str(llama)]) == 0
+    assert "| heldout-short | 8 | native | 112 | 150.0 | 140.0 | **1.50** | 16/16 | 165.0 |" in (
+        out.getvalue()
+    )
+    assert main(["nonsense", str(decode)]) == 2

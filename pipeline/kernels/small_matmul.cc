@@ -43,21 +43,26 @@ constexpr int64_t NR = 32;  // columns per packed panel
 // SmolLM2's 113 MB head waiting on memory (8.2 ms; 3.8-4.6 ms with this, 5.3-5.9 ms prefetching
 // 32 steps ahead into L1; 2-core Xeon, ad-hoc harness).
 
-// QMR: rows whose quantized products expand the weights in registers (`qtile`); a tile holds
-// the rows' sums and the block's scales and offsets, so it is smaller than MR. AVX2's 16 registers
-// spilled at 2 and 3 rows (SmolLM2's 113 MB head, 3 rows: 3.5 ms, against 1.2 ms for one).
+// QMR: rows whose quantized products expand the weights in registers (`qtile`), QPARTS column
+// parts of a panel at a time for more than one row: a tile holds the rows' sums and the block's
+// scales and offsets, so with AVX2's 16 registers a whole panel spilled at 2 and 3 rows
+// (SmolLM2's 113 MB head, 3 rows: 3.5 ms, against 1.2 ms for one). A SmolLM2 forward of 3 rows
+// took 21-23 ms with QMR 2 against 28 with QMR 3 (Zen 3; one row 11-12 ms).
 #if defined(__AVX512F__)
 constexpr int VW = 16;
 constexpr int MR = 12;
-constexpr int QMR = 2;
+constexpr int QMR = 4;
+constexpr int QPARTS = 1;
 #elif defined(__AVX2__) || defined(__AVX__)
 constexpr int VW = 8;
 constexpr int MR = 3;
-constexpr int QMR = 1;
+constexpr int QMR = 2;
+constexpr int QPARTS = 2;
 #else
 constexpr int VW = 4;
 constexpr int MR = 2;
-constexpr int QMR = 1;
+constexpr int QMR = 2;
+constexpr int QPARTS = 4;
 #endif
 constexpr int NV = NR / VW;  // vectors per panel row
 
@@ -280,10 +285,12 @@ struct Q4 {
   const float* block_ptr(const float* a, int64_t p, int64_t b) const {
     return a + (p * (K / QK) + b) * NR;
   }
+  // Vectors [V0, V0 + VN) of the panel's columns (d, m, w hold VN).
+  template <int V0, int VN>
   void block(int64_t p, int64_t b, vec* d, vec* m) const {
     const float* s = block_ptr(scale, p, b);
     const float* o = block_ptr(offset, p, b);
-    for (int v = 0; v < NV; ++v) d[v] = load(s + v * VW), m[v] = load(o + v * VW);
+    for (int v = 0; v < VN; ++v) d[v] = load(s + (V0 + v) * VW), m[v] = load(o + (V0 + v) * VW);
   }
   void prefetch_block(int64_t p, int64_t b) const {
     for (int l = 0; l < NR; l += 16) {
@@ -291,11 +298,13 @@ struct Q4 {
       __builtin_prefetch(block_ptr(offset, p, b) + l, 0, 2);
     }
   }
+  template <int V0, int VN>
   void row(int64_t p, int64_t k, const vec* d, const vec* m, vec* w) const {
     const uint8_t* r = row_ptr(p, k);
-    for (int v = 0; v < NV; ++v) {
-      ivec i = widen<false>(r + (v * VW) % QB);
-      i = v * VW >= QB ? i >> 4 : i & 15;
+    for (int v = 0; v < VN; ++v) {
+      const int c = (V0 + v) * VW;  // the vector's first column
+      ivec i = widen<false>(r + c % QB);
+      i = c >= QB ? i >> 4 : i & 15;
       w[v] = __builtin_convertvector(i, vec) * d[v] + m[v];
     }
   }
@@ -310,51 +319,66 @@ struct Q8 {
 
   const int8_t* row_ptr(int64_t p, int64_t k) const { return q + (p * K + k) * QB; }
   const float* block_ptr(int64_t p, int64_t b) const { return scale + (p * (K / QK) + b) * NR; }
+  template <int V0, int VN>
   void block(int64_t p, int64_t b, vec* d, vec*) const {
-    for (int v = 0; v < NV; ++v) d[v] = load(block_ptr(p, b) + v * VW);
+    for (int v = 0; v < VN; ++v) d[v] = load(block_ptr(p, b) + (V0 + v) * VW);
   }
   void prefetch_block(int64_t p, int64_t b) const {
     for (int l = 0; l < NR; l += 16) __builtin_prefetch(block_ptr(p, b) + l, 0, 2);
   }
+  template <int V0, int VN>
   void row(int64_t p, int64_t k, const vec* d, const vec*, vec* w) const {
     const int8_t* r = row_ptr(p, k);
-    for (int v = 0; v < NV; ++v) {
-      w[v] = __builtin_convertvector(widen<true>(r + v * VW), vec) * d[v];
+    for (int v = 0; v < VN; ++v) {
+      w[v] = __builtin_convertvector(widen<true>(r + (V0 + v) * VW), vec) * d[v];
     }
   }
 };
 
-// R rows (x, stride K) times panel p, expanded in registers, into out (stride N). The next panel's
-// bytes are prefetched as this one's are read (as `tile` does).
-template <int R, class S>
-void qtile(const float* __restrict x, const S& s, int64_t p, float* __restrict out, int64_t N) {
+// R rows (x, stride K) times vectors [V0, V0 + VN) of panel p, expanded in registers, into out
+// (stride N). The next panel's bytes are prefetched as this one's are read (as `tile` does).
+template <int R, int V0, int VN, class S>
+void qtile_part(const float* __restrict x, const S& s, int64_t p, float* __restrict out,
+                int64_t N) {
   const int64_t K = s.K;
   constexpr int64_t ROWS_PER_LINE = 64 / S::QB;
-  vec acc[R][NV];
+  vec acc[R][VN];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+    for (int v = 0; v < VN; ++v) acc[r][v] = vec{};
   for (int64_t b = 0; b < K / QK; ++b) {
-    vec d[NV], m[NV];
-    s.block(p, b, d, m);
-    s.prefetch_block(p + 1, b);
+    vec d[VN], m[VN];
+    s.template block<V0, VN>(p, b, d, m);
+    if (V0 == 0) s.prefetch_block(p + 1, b);
     for (int64_t k = b * QK; k < (b + 1) * QK; ++k) {
-      if (k % ROWS_PER_LINE == 0) __builtin_prefetch(s.row_ptr(p + 1, k), 0, 2);
-      vec w[NV];
-      s.row(p, k, d, m, w);
+      if (V0 == 0 && k % ROWS_PER_LINE == 0) __builtin_prefetch(s.row_ptr(p + 1, k), 0, 2);
+      vec w[VN];
+      s.template row<V0, VN>(p, k, d, m, w);
       for (int r = 0; r < R; ++r) {
         vec bv = vec{} + x[r * K + k];
-        for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + bv * w[v];
+        for (int v = 0; v < VN; ++v) acc[r][v] = acc[r][v] + bv * w[v];
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) store(out + r * N + v * VW, acc[r][v]);
+    for (int v = 0; v < VN; ++v) store(out + r * N + (V0 + v) * VW, acc[r][v]);
+}
+
+// The panel in QPARTS parts of its columns, so that a part's sums, scales, offsets and weights
+// fit the registers (AVX2's 16: two of four vectors for up to 3 rows).
+template <int R, class S, int PART = 0>
+void qtile(const float* x, const S& s, int64_t p, float* out, int64_t N) {
+  constexpr int parts = R == 1 ? 1 : QPARTS;  // one row: the whole panel (one pass is faster)
+  if constexpr (PART < parts) {
+    constexpr int VN = NV / parts;
+    qtile_part<R, PART * VN, VN>(x, s, p, out, N);
+    qtile<R, S, PART + 1>(x, s, p, out, N);
+  }
 }
 
 template <int R, class S>
 void qtile_dispatch(int rows, const float* x, const S& s, int64_t p, float* out, int64_t N) {
   if constexpr (R > 0) {
-    if (rows == R) return qtile<R>(x, s, p, out, N);
+    if (rows == R) return qtile<R, S>(x, s, p, out, N);
     return qtile_dispatch<R - 1>(rows, x, s, p, out, N);
   }
 }
@@ -401,10 +425,10 @@ void qpanel(const float* x, int64_t M, const S& s, int64_t p, float* out, int64_
     const int64_t kc = std::min(KC, K - k0);
     for (int64_t b = k0 / QK; b < (k0 + kc) / QK; ++b) {
       vec d[NV], m[NV];
-      s.block(p, b, d, m);
+      s.template block<0, NV>(p, b, d, m);
       for (int64_t k = b * QK; k < (b + 1) * QK; ++k) {
         vec w[NV];
-        s.row(p, k, d, m, w);
+        s.template row<0, NV>(p, k, d, m, w);
         for (int v = 0; v < NV; ++v) store(buf + (k - k0) * NR + v * VW, w[v]);
       }
     }
