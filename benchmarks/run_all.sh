@@ -72,6 +72,14 @@ run decode --prompts benchmarks/prompts/heldout-mixed.jsonl "${policy[@]}" --bat
   --out "$out/decode-policy-heldout-mixed.json"
 run decode --prompts benchmarks/prompts/heldout-short.jsonl "${policy[@]}" --num-prompts 8 \
   --batches 1 8 --temperature 0.8 --out "$out/decode-policy-heldout-short-t08.json"
+# The GGUF's own blocks against its fp32 dequantization, side by side, and llama.cpp on the same
+# file (`bench llama-cpp` builds it once outside the repository, minutes; SKIP_LLAMA_CPP=1 skips).
+run decode --prompts benchmarks/prompts/heldout-short.jsonl "${policy[@]}" --batches 1 8 \
+  --weights fp32 native --out "$out/decode-weights-heldout-short.json"
+run decode --prompts benchmarks/prompts/heldout-mixed.jsonl "${policy[@]}" --batches 1 8 \
+  --weights fp32 native --out "$out/decode-weights-heldout-mixed.json"
+run llm --weights fp32 native --out "$out/llm-weights.json"
+if [ -z "${SKIP_LLAMA_CPP:-}" ]; then run llama-cpp --out "$out/llama-cpp.json"; fi
 run accept --beams 1x1 1x2 1x4 2x4 --lookup 0 4 4i --out "$out/accept-heldout.json"
 run accept --beams 1x4 1x6 1x8 2x4 2x6 --lookup 4i --out "$out/accept-heldout-deep.json"
 run accept --beams 1x4 2x4 2x4r 3x4r --lookup 4i --out "$out/accept-heldout-per-root.json"
