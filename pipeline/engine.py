@@ -394,6 +394,7 @@ class Engine:
                                                                    beam.tree_nodes,)  # fmt: skip
             key = {"model": repr(self.llm_config), "drafter": repr(self.drafter_config),
                    "beam": str(beam), "draft": repr(fn), "matmul": self.matmul,
+                   "kernel": kernels.build_id() if self.matmul == "kernel" else None,
                    "weights": f"{self.config.weights}/{self.config.dtype}",
                    "devices": self.mesh.size}  # fmt: skip
             params = self.draft_params_for(local, beam)

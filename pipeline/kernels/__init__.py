@@ -262,6 +262,14 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+@functools.cache
+def build_id() -> str:
+    """The loaded build's cache key (a hash of the source, compiler, target and flags), for
+    anything measured through the kernel and cached (`pipeline.tree_costs`)."""
+    _library()
+    return _build(_compiler()).parent.name
+
+
 def available() -> bool:
     """Whether the kernel is built (building it now if needed) and registered with XLA."""
     return _load()[0] is not None
