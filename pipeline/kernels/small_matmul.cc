@@ -93,21 +93,25 @@ inline void load_row(const uint16_t* p, vec* w) {
   }
 }
 
-// R rows (x, stride K) times one panel (K x NR, contiguous) into out (stride N).
+// R rows (x, stride ldx) times kc panel rows (w, NR weights each, contiguous) into out (stride
+// N): written when `first`, else added to the partial sums out holds (earlier chunks of k,
+// continued in the same order, so a sum split over chunks has the bits of one over all of k).
+// `ahead` > 0 prefetches the weights that many past each row (the next panel's same row) into L2.
 template <int R, typename Wt>
-void tile(const float* __restrict x, int64_t K, const Wt* __restrict panel,
-          float* __restrict out, int64_t N) {
+void tile(const float* __restrict x, int64_t ldx, const Wt* __restrict w, int64_t kc,
+          float* __restrict out, int64_t N, bool first, int64_t ahead) {
   constexpr int LINE = 64 / sizeof(Wt);  // weights per cache line
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
-  for (int64_t k = 0; k < K; ++k) {
-    for (int l = 0; l < NR; l += LINE) __builtin_prefetch(panel + (K + k) * NR + l, 0, 2);
-    vec w[NV];
-    load_row(panel + k * NR, w);
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? vec{} : load(out + r * N + v * VW);
+  for (int64_t k = 0; k < kc; ++k) {
+    if (ahead)
+      for (int l = 0; l < NR; l += LINE) __builtin_prefetch(w + k * NR + ahead + l, 0, 2);
+    vec wr[NV];
+    load_row(w + k * NR, wr);
     for (int r = 0; r < R; ++r) {
-      vec b = vec{} + x[r * K + k];
-      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + b * w[v];
+      vec b = vec{} + x[r * ldx + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + b * wr[v];
     }
   }
   for (int r = 0; r < R; ++r)
@@ -115,11 +119,11 @@ void tile(const float* __restrict x, int64_t K, const Wt* __restrict panel,
 }
 
 template <int R, typename Wt>
-void tile_dispatch(int rows, const float* x, int64_t K, const Wt* panel, float* out,
-                   int64_t N) {
+void tile_dispatch(int rows, const float* x, int64_t ldx, const Wt* w, int64_t kc, float* out,
+                   int64_t N, bool first, int64_t ahead) {
   if constexpr (R > 0) {
-    if (rows == R) return tile<R>(x, K, panel, out, N);
-    return tile_dispatch<R - 1>(rows, x, K, panel, out, N);
+    if (rows == R) return tile<R>(x, ldx, w, kc, out, N, first, ahead);
+    return tile_dispatch<R - 1>(rows, x, ldx, w, kc, out, N, first, ahead);
   }
 }
 
@@ -131,7 +135,7 @@ void panels(const float* x, const Wt* w, float* out, int64_t M, int64_t K, int64
     const Wt* panel = w + p * K * NR;
     for (int64_t r = 0; r < M; r += MR) {
       int rows = static_cast<int>(std::min<int64_t>(MR, M - r));
-      tile_dispatch<MR>(rows, x + r * K, K, panel, out + r * N + p * NR, N);
+      tile_dispatch<MR>(rows, x + r * K, K, panel, K, out + r * N + p * NR, N, true, K * NR);
     }
   }
 }
@@ -176,6 +180,24 @@ struct Work {
   }
 };
 
+// Runs `work` (a Work or QWork: its panels in chunks, `run()` claiming them) on this thread and
+// the pool's helpers.
+template <class W>
+ffi::Error run_panels(ffi::ThreadPool& pool, std::shared_ptr<W> work) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t P = work->num_panels;
+  // Several chunks per thread, so a slow or late helper leaves little for the others to wait on.
+  work->chunk = std::max<int64_t>(1, P / (threads * 4));
+  work->chunks.count = (P + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->chunks.count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  // Chunks claimed by helpers may still be running; a helper that starts after all chunks were
+  // claimed touches nothing but `work`, which it keeps alive.
+  work->chunks.wait();
+  return ffi::Error::Success();
+}
+
 template <ffi::DataType WT, typename Wt>
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WT> w,
                       ffi::ResultBuffer<ffi::F32> out) {
@@ -197,7 +219,6 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("small_matmul: result must be [..., N]");
   if (M == 0 || N == 0) return ffi::Error::Success();
 
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto work = std::make_shared<Work<Wt>>();
   work->x = x.typed_data();
   work->w = reinterpret_cast<const Wt*>(w.typed_data());
@@ -206,16 +227,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   work->K = K;
   work->N = N;
   work->num_panels = P;
-  // Several chunks per thread, so a slow or late helper leaves little for the others to wait on.
-  work->chunk = std::max<int64_t>(1, P / (threads * 4));
-  work->chunks.count = (P + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min(threads, work->chunks.count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  // Chunks claimed by helpers may still be running; a helper that starts after all chunks were
-  // claimed touches nothing but `work`, which it keeps alive.
-  work->chunks.wait();
-  return ffi::Error::Success();
+  return run_panels(pool, work);
 }
 
 
@@ -383,36 +395,6 @@ void qtile_dispatch(int rows, const float* x, const S& s, int64_t p, float* out,
   }
 }
 
-// R rows (x, stride ldx) times kc expanded panel rows (w, NR floats each) added to out (stride
-// N), or written to it when `first`: the same fused multiply-adds in the same order as `tile`,
-// split over chunks of k with the partial sums kept in out between them.
-template <int R>
-void chunk_tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t kc,
-                float* __restrict out, int64_t N, bool first) {
-  vec acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = first ? vec{} : load(out + r * N + v * VW);
-  for (int64_t k = 0; k < kc; ++k) {
-    vec wr[NV];
-    load_row(w + k * NR, wr);
-    for (int r = 0; r < R; ++r) {
-      vec bv = vec{} + x[r * ldx + k];
-      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + bv * wr[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) store(out + r * N + v * VW, acc[r][v]);
-}
-
-template <int R>
-void chunk_dispatch(int rows, const float* x, int64_t ldx, const float* w, int64_t kc, float* out,
-                    int64_t N, bool first) {
-  if constexpr (R > 0) {
-    if (rows == R) return chunk_tile<R>(x, ldx, w, kc, out, N, first);
-    return chunk_dispatch<R - 1>(rows, x, ldx, w, kc, out, N, first);
-  }
-}
-
 // Panel p for M rows: one register tile expands the weights in registers; more rows expand a
 // chunk of KC panel rows once into an L1-sized buffer that every row tile then reads.
 template <class S>
@@ -434,7 +416,7 @@ void qpanel(const float* x, int64_t M, const S& s, int64_t p, float* out, int64_
     }
     for (int64_t r = 0; r < M; r += MR) {
       int rows = static_cast<int>(std::min<int64_t>(MR, M - r));
-      chunk_dispatch<MR>(rows, x + r * K + k0, K, buf, kc, out + r * N, N, k0 == 0);
+      tile_dispatch<MR>(rows, x + r * K + k0, K, buf, kc, out + r * N, N, k0 == 0, 0);
     }
   }
 }
@@ -495,7 +477,6 @@ template <class S>
 ffi::Error run_quant(ffi::ThreadPool& pool, const float* x, S s, float* out, int64_t M,
                      int64_t P) {
   if (M == 0 || P == 0) return ffi::Error::Success();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto work = std::make_shared<QWork<S>>();
   work->x = x;
   work->s = s;
@@ -503,13 +484,7 @@ ffi::Error run_quant(ffi::ThreadPool& pool, const float* x, S s, float* out, int
   work->M = M;
   work->N = P * NR;
   work->num_panels = P;
-  work->chunk = std::max<int64_t>(1, P / (threads * 4));
-  work->chunks.count = (P + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min(threads, work->chunks.count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  work->chunks.wait();
-  return ffi::Error::Success();
+  return run_panels(pool, work);
 }
 
 ffi::Error SmallMatmulQ4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
